@@ -1,0 +1,1 @@
+"""Root test configuration shared by both environments (imports neither mitmproxy nor torch)."""
