@@ -1,0 +1,1 @@
+"""Cache statistics: shared counters, reports, Prometheus metrics, the admin listener and dashboard."""
