@@ -1,0 +1,157 @@
+"""The access log: one JSON line per request, with the cache's decision and never the client's address.
+
+Option `access_log`: a file path (appended to), `-` for stderr, or empty (the default) for no log.
+
+    {"time": "2026-05-09T07:36:11.123Z", "pseudonym": "c-3f9a1b2c", "method": "POST",
+     "origin": "http://127.0.0.1:8000", "path": "/v1/embeddings", "status": 200, "cache": "HIT",
+     "key": "9f86d081884c7d65", "route": "POST /v1/embeddings", "model": "all-MiniLM-L6-v2",
+     "upstream_seconds": null, "saved_seconds": 0.183, "total_seconds": 0.004, "bytes": 6203}
+
+Load this addon after the cache and privacy addons: it reads what they put in `flow.metadata`
+(`fp.cache`, `fp.key_id`, `fp.route`, `fp.model`, `fp.origin`, `fp.upstream_seconds`, `fp.pseudonym`)
+and tells an answer the proxy made itself (a hit, a refusal) from one the upstream sent by whether a
+response exists once every addon's `request` hook has run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from mitmproxy import ctx, exceptions, http
+
+log = logging.getLogger(__name__)
+
+# Decisions answered from the store: `fp.upstream_seconds` is then the time the answer saved.
+_SERVED_FROM_STORE = frozenset({"HIT", "STALE"})
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self._stream: TextIO | None = None
+        self._owns_stream = False
+        self._lock = threading.Lock()
+        self._answered_by_proxy: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._logged: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "access_log",
+            str,
+            "",
+            """
+            Write one JSON line per request (time, client pseudonym, method, origin, path, status,
+            cache decision, key id, upstream and total seconds) to this file, or to stderr with "-".
+            Empty turns the log off. The client's address is never written.
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "access_log" not in updated:
+            return
+        self._close()
+        target = ctx.options.access_log
+        if not target:
+            return
+        if target == "-":
+            self._stream = sys.stderr
+            return
+        try:
+            self._stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in done()
+        except OSError as exc:
+            raise exceptions.OptionsError(
+                f"access_log: cannot open {target!r} for appending ({exc.strerror}). "
+                'Give a writable file path, "-" for stderr, or "" to turn the access log off.'
+            ) from exc
+        self._owns_stream = True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            self._answered_by_proxy.add(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def done(self) -> None:
+        self._close()
+
+    def _write(self, flow: http.HTTPFlow) -> None:
+        if self._stream is None or flow in self._logged:
+            return  # off, or an error after the response was logged (a client gone mid-answer)
+        self._logged.add(flow)
+        line = json.dumps(
+            access_record(flow, answered_by_proxy=flow in self._answered_by_proxy), separators=(", ", ": ")
+        )
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+            except (OSError, ValueError) as exc:  # a full disk must never break the proxy
+                log.warning("access_log: could not write a line (%s)", exc)
+
+    def _close(self) -> None:
+        if self._stream is not None and self._owns_stream:
+            self._stream.close()
+        self._stream, self._owns_stream = None, False
+
+
+def access_record(
+    flow: http.HTTPFlow, *, answered_by_proxy: bool, now: float | None = None
+) -> dict[str, Any]:
+    """The access log line of a finished (or failed) flow, as a JSON-ready dict."""
+    meta: Mapping[str, Any] = flow.metadata
+    request, response = flow.request, flow.response
+    decision = meta.get("fp.cache")
+    finished = time.time() if now is None else now
+    record: dict[str, Any] = {
+        "time": _iso_time(request.timestamp_start),
+        "pseudonym": meta.get("fp.pseudonym"),
+        "method": request.method,
+        "origin": meta.get("fp.origin") or f"{request.scheme}://{request.host}:{request.port}",
+        "path": request.path,
+        "status": response.status_code if response is not None else None,
+        "cache": decision,
+        "key": meta.get("fp.key_id"),
+        "route": meta.get("fp.route"),
+        "model": meta.get("fp.model"),
+        "upstream_seconds": _upstream_seconds(flow, decision, answered_by_proxy),
+        "saved_seconds": _seconds(meta.get("fp.upstream_seconds"))
+        if decision in _SERVED_FROM_STORE
+        else None,
+        "total_seconds": _seconds(finished - request.timestamp_start),
+        "bytes": len(response.raw_content or b"") if response is not None else None,
+    }
+    if flow.error is not None:
+        record["error"] = flow.error.msg
+    return record
+
+
+def _upstream_seconds(flow: http.HTTPFlow, decision: str | None, answered_by_proxy: bool) -> float | None:
+    """Seconds this request waited on the upstream; null when no upstream answer was used."""
+    if decision in _SERVED_FROM_STORE or (answered_by_proxy and decision is None):
+        return None
+    measured = flow.metadata.get("fp.upstream_seconds")
+    if measured is not None:
+        return _seconds(measured)
+    response = flow.response
+    if response is None or response.timestamp_start is None or flow.request.timestamp_end is None:
+        return None
+    return _seconds(response.timestamp_start - flow.request.timestamp_end)
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else round(max(0.0, float(value)), 6)
+
+
+def _iso_time(epoch: float) -> str:
+    whole = int(epoch)
+    millis = int((epoch - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
