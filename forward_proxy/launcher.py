@@ -1,15 +1,129 @@
-"""`forward-proxy run`: mitmproxy's master with the project's addons (being built, issue 3)."""
+"""`forward-proxy run`: mitmproxy's DumpMaster in this process, with mitmproxy's default addons plus
+`forward_proxy.addons.addons`, stopped cleanly by SIGINT or SIGTERM.
+
+Every setting is a mitmproxy option (one source of truth, shared with `mitmdump -s forward_proxy/addons.py`).
+The first-class flags below are shorthands for the most used options; any option can be set with
+`--set NAME=VALUE`, and `forward-proxy run --options` lists them all with their help. To add a flag,
+add one `Flag` line to `FLAGS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+# The launcher's own defaults where they differ from mitmproxy's: listen on loopback only, and no
+# per-flow dump on stdout (the access log addon writes one line per request instead).
+LAUNCHER_DEFAULTS: dict[str, Any] = {"listen_host": "127.0.0.1", "listen_port": 8080, "flow_detail": 0}
+
+
+@dataclass(frozen=True)
+class Flag:
+    flag: str  # "--listen-port"
+    option: str  # the mitmproxy option it sets, "listen_port"
+    type: Callable[[str], Any]
+    help: str
+    metavar: str = "VALUE"
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--listen-host", "listen_host", str, "address to listen on (default 127.0.0.1)", "HOST"),
+    Flag("--listen-port", "listen_port", int, "port to listen on (default 8080)", "PORT"),
+    Flag(
+        "--cache-dir",
+        "cache_dir",
+        str,
+        "cache directory (default $FORWARD_PROXY_CACHE_DIR, else ~/.cache/forward-proxy)",
+        "DIR",
+    ),
+    Flag("--cache-size", "cache_size", str, "size limit of the cache, e.g. 512MiB (default 1GiB)", "SIZE"),
+    Flag("--cache-ttl", "cache_ttl", str, "how long entries are served, e.g. 30m (default 1h)", "DURATION"),
+)
 
 
 def register(subcommands: Any) -> None:
-    parser: argparse.ArgumentParser = subcommands.add_parser("run", help="run the proxy")
+    parser: argparse.ArgumentParser = subcommands.add_parser(
+        "run",
+        help="run the caching forward proxy",
+        description="Run the caching forward proxy (mitmproxy in this process with the project's addons). "
+        "Clients use it with HTTP_PROXY=http://HOST:PORT. Stop it with Ctrl-C or SIGTERM.",
+    )
+    for flag in FLAGS:
+        parser.add_argument(flag.flag, dest=flag.option, type=flag.type, help=flag.help, metavar=flag.metavar)
+    parser.add_argument(
+        "--set",
+        dest="setoptions",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="set any mitmproxy or proxy option (repeatable); see --options for the list",
+    )
+    parser.add_argument(
+        "--options", action="store_true", help="print every option with its default and help, then exit"
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("forward-proxy run: not built yet")
+    flags = {flag.option: getattr(args, flag.option) for flag in FLAGS}
+    return asyncio.run(
+        serve({k: v for k, v in flags.items() if v is not None}, args.setoptions, args.options)
+    )
+
+
+async def serve(flag_values: dict[str, Any], set_specs: Sequence[str], list_options: bool = False) -> int:
+    """Build the master, apply defaults, `--set` options and flags (in that order), run until signalled."""
+    # mitmproxy is imported here so that `forward-proxy stats` and `--help` stay quick.
+    from mitmproxy import exceptions, options, optmanager
+    from mitmproxy.tools.dump import DumpMaster
+
+    from forward_proxy import addons
+
+    opts = options.Options()
+    master = DumpMaster(opts)
+    master.addons.add(*addons.addons, Announce())
+    if list_options:
+        optmanager.dump_defaults(opts, sys.stdout)
+        return 0
+    try:
+        opts.update(**LAUNCHER_DEFAULTS)
+        opts.set(*set_specs)
+        opts.update(**flag_values)
+    except exceptions.OptionsError as exc:
+        print(f"forward-proxy run: {exc}", file=sys.stderr)
+        return 2
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, master.shutdown)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await master.run()
+    print("forward-proxy stopped", flush=True)
+    return 0
+
+
+class Announce:
+    """Prints where the proxy listens and where its cache lives, once the servers are up."""
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        addresses = []
+        proxyserver: Any = ctx.master.addons.get("proxyserver")
+        if proxyserver is not None and hasattr(proxyserver, "listen_addrs"):
+            addresses = [f"http://{_host(addr[0])}:{addr[1]}" for addr in proxyserver.listen_addrs()]
+        if not addresses:
+            addresses = [f"http://{ctx.options.listen_host or '0.0.0.0'}:{ctx.options.listen_port or 8080}"]
+        cache: Any = ctx.master.addons.get("cache")
+        where = f"cache: {cache.config.describe()}" if cache is not None and cache.config else "cache: off"
+        print(f"forward-proxy listening on {', '.join(addresses)} ({where})", flush=True)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

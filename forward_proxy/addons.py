@@ -1,0 +1,22 @@
+"""`addons = [...]`: the one list of the project's mitmproxy addons.
+
+Both `forward-proxy run` and mitmproxy's own tools load it:
+
+    mitmdump -s forward_proxy/addons.py --set cache_ttl=30m
+
+Order matters, each hook runs through the list in turn: privacy and policy addons first (they may
+refuse or rewrite a request before it is looked up), then the cache, then statistics and the access log
+(they read what the cache decided, from `flow.metadata`).
+"""
+
+from __future__ import annotations
+
+from forward_proxy.cache.addon import Cache
+from forward_proxy.cache.https import HttpsInterception
+
+addons: list[object] = [
+    # privacy / policy addons go here (issue 4)
+    HttpsInterception(),
+    Cache(),
+    # statistics / access log addons go here (issue 5)
+]

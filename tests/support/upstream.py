@@ -1,0 +1,199 @@
+"""A small threaded HTTP/1.1 upstream on an ephemeral loopback port that counts its calls.
+
+Each test tells it how to answer a path with a `Reply` (status, body, headers, X-Model-Version, delay,
+Cache-Control, Set-Cookie, closing mid-response, ...) and reads back what it received: `calls(path)`
+counts, `received(path)` records method, path, headers, body and client address.
+
+    with Upstream(model_version="v1") as upstream:
+        upstream.reply("/v1/embeddings", Reply(headers={"Cache-Control": "no-store"}))
+        ...
+        assert upstream.calls("/v1/embeddings") == 1
+
+The default answer is 200 JSON `{"path": ..., "call": N, "body": <request body>, "version": ...}`, so two
+upstream calls never return the same bytes, and it carries `X-Model-Version` when the upstream has one.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Received:
+    method: str
+    path: str  # path and query, as sent
+    headers: list[tuple[str, str]]
+    body: bytes
+    client_address: str
+    call: int  # 1 for the first call to this path
+
+    def header(self, name: str) -> str | None:
+        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
+
+
+@dataclass
+class Reply:
+    """How to answer: a fixed `body` or `body(received) -> bytes`; None means the default JSON echo."""
+
+    status: int = 200
+    body: bytes | Callable[[Received], bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    delay: float = 0.0  # seconds before answering
+    close_mid_response: bool = False  # send the head and half the body, then close the connection
+    model_version: str | None = "inherit"  # "inherit": the upstream's current version
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path_only = self.path.split("?", 1)[0]
+        upstream = self.server.upstream
+        received, reply = upstream._record(self.command, self.path, list(self.headers.items()), body, self)
+        if reply.delay:
+            time.sleep(reply.delay)
+        content = upstream._content(reply, received, path_only)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        version = upstream.model_version if reply.model_version == "inherit" else reply.model_version
+        if version is not None:
+            self.send_header("X-Model-Version", version)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        if reply.close_mid_response:
+            self.wfile.write(content[: len(content) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(content)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    upstream: Upstream
+
+
+class Upstream:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, model_version: str | None = "v1") -> None:
+        self.host = host
+        self.port = port
+        self.model_version = model_version
+        self._replies: dict[str, Reply] = {}
+        self._default = Reply()
+        self._counts: Counter[str] = Counter()
+        self._received: list[Received] = []
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle
+    def start(self) -> Upstream:
+        server = _Server((self.host, self.port), _Handler)
+        server.upstream = self
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def restart(self, model_version: str | None = "inherit") -> None:
+        """Stop and start again on the same port, optionally as another deployment version."""
+        self.stop()
+        if model_version != "inherit":
+            self.model_version = model_version
+        self.start()
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # addresses
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.origin + path
+
+    # behaviour
+    def reply(self, path: str, reply: Reply) -> None:
+        """Answer requests to `path` (without query) with `reply` from now on."""
+        with self._lock:
+            self._replies[path] = reply
+
+    def default(self, reply: Reply) -> None:
+        with self._lock:
+            self._default = reply
+
+    # what happened
+    def calls(self, path: str | None = None) -> int:
+        with self._lock:
+            return sum(self._counts.values()) if path is None else self._counts[path]
+
+    def received(self, path: str | None = None) -> list[Received]:
+        with self._lock:
+            return [r for r in self._received if path is None or r.path.split("?", 1)[0] == path]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._received.clear()
+
+    # used by the handler
+    def _record(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, handler: _Handler
+    ) -> tuple[Received, Reply]:
+        path_only = path.split("?", 1)[0]
+        with self._lock:
+            self._counts[path_only] += 1
+            received = Received(
+                method, path, headers, body, handler.client_address[0], self._counts[path_only]
+            )
+            self._received.append(received)
+            return received, self._replies.get(path_only, self._default)
+
+    def _content(self, reply: Reply, received: Received, path: str) -> bytes:
+        if callable(reply.body):
+            return reply.body(received)
+        if reply.body is not None:
+            return reply.body
+        try:
+            echoed: Any = json.loads(received.body) if received.body else None
+        except ValueError:
+            echoed = received.body.decode(errors="replace")
+        document = {"path": path, "call": received.call, "body": echoed, "version": self.model_version}
+        return json.dumps(document).encode()
