@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from forward_proxy.cache.addon import Cache
 from forward_proxy.cache.https import HttpsInterception
+from forward_proxy.stats.accesslog import AccessLog
 
 addons: list[object] = [
     # privacy / policy addons go here (issue 4)
     HttpsInterception(),
     Cache(),
     # statistics / access log addons go here (issue 5)
+    AccessLog(),
 ]

@@ -10,6 +10,8 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 
 from forward_proxy.stats.accesslog import AccessLog, access_record
+from tests.support.proxy import start_proxy
+from tests.support.upstream import Upstream
 
 
 def _lines(path: Path) -> list[dict[str, object]]:
@@ -120,3 +122,17 @@ def test_an_unwritable_path_is_refused_with_a_hint(tmp_path: Path) -> None:
     addon = AccessLog()
     with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError, match="writable file path"):
         tctx.configure(addon, access_log=str(tmp_path / "missing-dir" / "access.jsonl"))
+
+
+@pytest.mark.integration
+def test_forward_proxy_run_writes_one_line_per_request(tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    with Upstream() as upstream, start_proxy(tmp_path, "--access-log", str(path)) as proxy:
+        session = proxy.session()
+        assert session.get(upstream.url("/hello?x=1"), timeout=30).status_code == 200
+        assert session.post(upstream.url("/other"), json={"a": 1}, timeout=30).status_code == 200
+    first, second = _lines(path)
+    assert (first["method"], first["path"], first["status"]) == ("GET", "/hello?x=1", 200)
+    assert first["origin"] == upstream.origin
+    assert (second["method"], second["path"]) == ("POST", "/other")
+    assert "127.0.0.1" not in path.read_text().replace(upstream.origin, "")
