@@ -1,0 +1,117 @@
+"""The statistics report in Prometheus' text format, for the admin listener's `/metrics`.
+
+A custom `prometheus_client` collector reads a fresh report (see `report.py`) on every scrape, so the
+numbers are the shared counters of every proxy process on the cache, never a per-process copy.
+Labels: `origin` ("http://127.0.0.1:8000"), `route` (the cache rule, "POST /v1/embeddings"), `model`
+("" when the request names none) and, on the request counter, `decision`.
+
+    forward_proxy_cache_requests_total{origin,route,model,decision}   decision: hit | miss | bypass |
+                                                                       refresh | coalesced | stale
+    forward_proxy_cache_stores_total{origin,route,model}
+    forward_proxy_cache_store_errors_total{origin,route,model}
+    forward_proxy_cache_evictions_total{origin,route,model}
+    forward_proxy_upstream_errors_total{origin,route,model}
+    forward_proxy_cache_served_bytes_total{origin,route,model}
+    forward_proxy_cache_saved_upstream_seconds_total{origin,route,model}
+    forward_proxy_upstream_seconds_total{origin,route,model}
+    forward_proxy_cache_entries
+    forward_proxy_cache_size_bytes
+    forward_proxy_cache_limit_bytes            (absent when the cache has no limit)
+    forward_proxy_cache_hit_ratio              hits / requests over all routes
+    forward_proxy_stats_started_timestamp_seconds
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE_LATEST", "ReportCollector", "render_metrics"]
+
+ReportReader = Callable[[], Mapping[str, Any]]
+
+_DECISIONS = (
+    ("hits", "hit"),
+    ("misses", "miss"),
+    ("bypasses", "bypass"),
+    ("refreshes", "refresh"),
+    ("coalesced", "coalesced"),
+    ("stale", "stale"),
+)
+
+# (report field, metric name without `_total`, help text)
+_ROUTE_COUNTERS = (
+    ("stores", "forward_proxy_cache_stores", "Responses written to the cache."),
+    ("store_errors", "forward_proxy_cache_store_errors", "Failures of the cache store (read or write)."),
+    ("evictions", "forward_proxy_cache_evictions", "Entries the cache evicted to stay under its limit."),
+    ("upstream_errors", "forward_proxy_upstream_errors", "Requests on cached routes the upstream failed."),
+    ("bytes_served_from_cache", "forward_proxy_cache_served_bytes", "Response bytes served from the cache."),
+    (
+        "upstream_seconds_saved",
+        "forward_proxy_cache_saved_upstream_seconds",
+        "Upstream time the answers served from the cache originally took.",
+    ),
+    ("upstream_seconds", "forward_proxy_upstream_seconds", "Time spent upstream on cached routes."),
+)
+
+_LABELS = ("origin", "route", "model")
+
+
+class ReportCollector(Collector):
+    """Yields the metrics of one fresh report per scrape; `read` may raise, the scrape then fails."""
+
+    def __init__(self, read: ReportReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._read()
+        routes = report["routes"]
+
+        requests = CounterMetricFamily(
+            "forward_proxy_cache_requests",
+            "Requests a cache rule matched, by the cache's decision.",
+            labels=[*_LABELS, "decision"],
+        )
+        for row in routes:
+            for field, decision in _DECISIONS:
+                requests.add_metric([*_labels(row), decision], row[field])
+        yield requests
+
+        for field, name, documentation in _ROUTE_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=list(_LABELS))
+            for row in routes:
+                family.add_metric(_labels(row), row[field])
+            yield family
+
+        yield GaugeMetricFamily("forward_proxy_cache_entries", "Entries in the cache.", report["entries"])
+        yield GaugeMetricFamily(
+            "forward_proxy_cache_size_bytes", "Bytes the cache holds.", report["size_bytes"]
+        )
+        if report["limit_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "forward_proxy_cache_limit_bytes", "The cache's size limit.", report["limit_bytes"]
+            )
+        yield GaugeMetricFamily(
+            "forward_proxy_cache_hit_ratio", "Hits / requests over all routes.", report["hit_ratio"]
+        )
+        yield GaugeMetricFamily(
+            "forward_proxy_stats_started_timestamp_seconds",
+            "When counting started (Unix time).",
+            report["started_at"],
+        )
+
+
+def _labels(row: Mapping[str, Any]) -> list[str]:
+    return [row["origin"], row["route"], row["model"] or ""]
+
+
+def render_metrics(read: ReportReader) -> bytes:
+    """The Prometheus text exposition of one fresh report."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ReportCollector(read))
+    return generate_latest(registry)
