@@ -1,0 +1,188 @@
+"""The diskcache backend: entries and counters in two diskcache databases under the cache directory.
+
+    <cache_dir>/entries/        responses, LRU-evicted beyond the size limit, each with an expiry
+    <cache_dir>/counters/       the shared counters (never evicted)
+    <cache_dir>/partition.key   the random secret for credential HMACs, created on first use
+
+Every proxy process, `forward-proxy stats` and `forward-proxy cache` open the same files, so all of them
+see one cache. diskcache runs each operation in an SQLite transaction: a `get`, `set` or `incr` is atomic
+across threads and processes, and `incr_many` adds several counters in one transaction.
+
+>>> import tempfile; from pathlib import Path
+>>> entries, counters = open_store(Path(tempfile.mkdtemp()), size_limit=10 * 2**20)
+>>> counters.incr("hits|http://127.0.0.1:8000|POST /v1/embeddings|", 2)
+>>> counters.read_all()
+{'hits|http://127.0.0.1:8000|POST /v1/embeddings|': 2}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import diskcache
+
+from forward_proxy.store.base import Entry, StoreError, Volume
+
+T = TypeVar("T")
+_STARTED_AT = "meta:started_at"
+
+
+def _guarded(what: str, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except StoreError:
+        raise
+    except Exception as exc:  # any failure of the database or the disk is a store failure
+        raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _open_cache(directory: Path, **settings: Any) -> diskcache.Cache:
+    return _guarded(
+        f"cannot open the cache database in {directory}", lambda: diskcache.Cache(str(directory), **settings)
+    )
+
+
+class DiskStore:
+    """Responses in a diskcache.Cache, evicting the least recently used beyond `size_limit` bytes."""
+
+    def __init__(self, directory: Path, size_limit: int | None = None) -> None:
+        settings: dict[str, Any] = {"eviction_policy": "least-recently-used", "cull_limit": 0}
+        if size_limit is not None:
+            settings["size_limit"] = size_limit
+        self.directory = directory
+        self._cache = _open_cache(directory, **settings)
+
+    def get(self, key: str) -> Entry | None:
+        value = _guarded("cache read failed", lambda: self._cache.get(key))
+        if value is not None and not isinstance(value, Entry):
+            raise StoreError(f"cache read failed: {key!r} holds a {type(value).__name__}, not an entry")
+        return value
+
+    def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
+        def store() -> int:
+            self._cache.set(key, entry, expire=expire_seconds)
+            return int(self._cache.cull())  # expired entries first, then least recently used
+
+        return _guarded("cache write failed", store)
+
+    def delete(self, key: str) -> bool:
+        return bool(_guarded("cache delete failed", lambda: self._cache.delete(key)))
+
+    def iter_entries(self) -> Iterator[tuple[str, Entry]]:
+        keys = _guarded("cache listing failed", lambda: list(self._cache.iterkeys()))
+        for key in keys:
+            entry = _guarded("cache read failed", partial(self._cache.get, key))
+            if isinstance(entry, Entry):
+                yield key, entry
+
+    def volume(self) -> Volume:
+        return _guarded(
+            "cache volume failed",
+            lambda: Volume(len(self._cache), int(self._cache.volume()), int(self._cache.size_limit)),
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cache.close()
+
+
+class DiskCounterStore:
+    """Counters in a diskcache.Cache that never evicts; `incr` is atomic across processes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._cache = _open_cache(directory, eviction_policy="none")
+        _guarded("counter start time failed", lambda: self._cache.add(_STARTED_AT, time.time()))
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        _guarded("counter write failed", lambda: self._cache.incr(name, amount))
+
+    def incr_many(self, amounts: dict[str, int]) -> None:
+        def add_all() -> None:
+            with self._cache.transact():
+                for name, amount in amounts.items():
+                    self._cache.incr(name, amount)
+
+        _guarded("counter write failed", add_all)
+
+    def read_all(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            counts = {}
+            for key in self._cache.iterkeys():
+                if isinstance(key, str) and not key.startswith("meta:"):
+                    value = self._cache.get(key)
+                    if isinstance(value, int):
+                        counts[key] = value
+            return counts
+
+        return _guarded("counter read failed", read)
+
+    def started_at(self) -> float:
+        value = _guarded("counter read failed", lambda: self._cache.get(_STARTED_AT))
+        if value is None:  # reset by another process between add and get
+            _guarded("counter start time failed", lambda: self._cache.add(_STARTED_AT, time.time()))
+            value = _guarded("counter read failed", lambda: self._cache.get(_STARTED_AT))
+        return float(value)
+
+    def reset(self) -> None:
+        def clear() -> None:
+            with self._cache.transact():
+                self._cache.clear()
+                self._cache.set(_STARTED_AT, time.time())
+
+        _guarded("counter reset failed", clear)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cache.close()
+
+
+def open_store(cache_dir: Path, size_limit: int | None = None) -> tuple[DiskStore, DiskCounterStore]:
+    """The entry store and the counter store of `cache_dir` (created if missing).
+
+    `size_limit` (bytes) is saved in the database; None keeps the limit it was last opened with, which is
+    what read-only users (`forward-proxy stats`, `forward-proxy cache`) should pass.
+    Raises `StoreError` when the directory cannot be used.
+    """
+    _guarded(
+        f"cannot create the cache directory {cache_dir}", lambda: cache_dir.mkdir(parents=True, exist_ok=True)
+    )
+    entries = DiskStore(cache_dir / "entries", size_limit)
+    try:
+        counters = DiskCounterStore(cache_dir / "counters")
+    except StoreError:
+        entries.close()
+        raise
+    return entries, counters
+
+
+def load_partition_secret(cache_dir: Path) -> bytes:
+    """The secret in `<cache_dir>/partition.key`, created (mode 0600) with 32 random bytes if missing.
+
+    Every process on the cache directory reads the same secret, so their keys agree across restarts.
+    """
+    path = cache_dir / "partition.key"
+
+    def read_or_create() -> bytes:
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_bytes()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        candidate = path.with_name(f"partition.key.{os.getpid()}.tmp")
+        candidate.write_bytes(secrets.token_bytes(32))
+        os.chmod(candidate, 0o600)
+        with contextlib.suppress(FileExistsError):
+            os.link(candidate, path)  # first writer wins; everyone then reads the winner's secret
+        candidate.unlink()
+        return path.read_bytes()
+
+    secret = _guarded(f"cannot read or create {path}", read_or_create)
+    if len(secret) < 16:
+        raise StoreError(f"{path} holds {len(secret)} bytes; delete it so a new secret is made")
+    return secret
