@@ -33,6 +33,7 @@ from client_app.client import (
     Reply,
     api_url_from_env,
     error_message,
+    status_line,
 )
 from client_app.predict import builtin_samples, infer_inputs, parse_rows, predict
 from client_app.search import DEFAULT_BATCH_SIZE, load_documents, search
@@ -164,9 +165,7 @@ def cmd_predict(args: argparse.Namespace, client: ModelApiClient) -> int:
 def cmd_fetch(args: argparse.Namespace, client: ModelApiClient) -> int:
     response, seconds = client.fetch(args.url, method=args.method)
     proxy = client.proxy_for(args.url)
-    print(
-        f"{args.method} {args.url} → {response.status_code} {response.reason} in {seconds * 1000:.1f} ms, {_via(proxy)}"
-    )
+    print(f"{args.method} {args.url} → {status_line(response)} in {seconds * 1000:.1f} ms, {_via(proxy)}")
     for name, value in response.headers.items():
         print(f"{name}: {value}")
     if args.body and response.content:

@@ -17,7 +17,9 @@ between threads, so give each thread its own client (as `client_app.load` does).
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -266,14 +268,23 @@ def error_message(response: requests.Response) -> str:
             if isinstance(first, dict) and "msg" in first:
                 where = ".".join(str(part) for part in first.get("loc", []))
                 return f"{where}: {first['msg']}" if where else str(first["msg"])
-    text = " ".join(response.text.split())
+    text = response.text
+    if text.lstrip().startswith("<"):  # an HTML error page, such as mitmproxy's own: keep its words
+        text = html.unescape(re.sub(r"<[^>]*>", " ", re.sub(r"(?is)<head.*?</head>", " ", text)))
+    text = " ".join(text.split())
+    text = text.removeprefix(status_line(response)).strip()  # the page's heading repeats the status line
     return text[:200] + ("…" if len(text) > 200 else "") if text else "(empty body)"
+
+
+def status_line(response: requests.Response) -> str:
+    """`502 Bad Gateway`, or just `502` when the server sent no reason phrase."""
+    return f"{response.status_code} {response.reason or ''}".strip()
 
 
 def http_error(method: str, url: str, response: requests.Response, proxy: str | None) -> ClientError:
     via = f" (through the proxy at {proxy})" if proxy else ""
     return ClientError(
-        f"{method} {url} answered {response.status_code} {response.reason}{via}: {error_message(response)}",
+        f"{method} {url} answered {status_line(response)}{via}: {error_message(response)}",
         response.status_code,
     )
 

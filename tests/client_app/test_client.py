@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 import pytest
 import requests
@@ -68,8 +69,20 @@ def test_api_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def response(status: int, body: object) -> requests.Response:
     answer = requests.Response()
     answer.status_code = status
+    answer.reason = HTTPStatus(status).phrase
     answer._content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return answer
+
+
+MITMPROXY_502 = b"""<html>
+<head>
+    <title>502 Bad Gateway</title>
+</head>
+<body>
+    <h1>502 Bad Gateway</h1>
+    <p>[Errno 111] Connect call failed (&#x27;127.0.0.1&#x27;, 9)</p>
+</body>
+</html>"""
 
 
 @pytest.mark.parametrize(
@@ -89,9 +102,11 @@ def response(status: int, body: object) -> requests.Response:
             {"detail": [{"loc": ["body", "input"], "msg": "Field required"}]},
             "body.input: Field required",
         ),
-        (500, b"<h1>Internal\n  Server Error</h1>", "<h1>Internal Server Error</h1>"),
+        (500, b"<h1>Internal\n  Server Error</h1>", "Internal Server Error"),
+        (500, b"oops <b>bold</b> text", "oops <b>bold</b> text"),
         (502, b"", "(empty body)"),
         (500, b"x" * 300, "x" * 200 + "…"),
+        (502, MITMPROXY_502, "[Errno 111] Connect call failed ('127.0.0.1', 9)"),
     ],
 )
 def test_error_message(status: int, body: object, message: str) -> None:
