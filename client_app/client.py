@@ -119,7 +119,10 @@ class ModelApiClient:
         self.api_url = normalise_api_url(api_url or api_url_from_env())
         self.timeout = timeout
         self.verify = verify
-        self.session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = f"client-app {requests.utils.default_user_agent()}"
+        self.session = session
         if headers:
             self.session.headers.update(headers)
 

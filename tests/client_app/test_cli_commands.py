@@ -26,6 +26,7 @@ def test_embed_prints_a_summary_per_text(api: FakeModelApi) -> None:
     assert lines[3] == f'[0] norm={math.sqrt(14):.4f} first=[+3.0000, +1.0000, +0.0000, …] "banana"'
     assert lines[4] == f'[1] norm={math.sqrt(6):.4f} first=[+2.0000, +1.0000, +1.0000, …] "a cab"'
     assert api.requests[0].body == {"input": ["banana", "a cab"], "model": "all-MiniLM-L6-v2"}
+    assert api.requests[0].headers["User-Agent"].startswith("client-app python-requests/")
 
 
 def test_embed_json_prints_the_response_body(api: FakeModelApi) -> None:
