@@ -14,11 +14,13 @@ from __future__ import annotations
 from forward_proxy.cache.addon import Cache
 from forward_proxy.cache.https import HttpsInterception
 from forward_proxy.stats.accesslog import AccessLog
+from forward_proxy.stats.admin import AdminListener
 
 addons: list[object] = [
     # privacy / policy addons go here (issue 4)
     HttpsInterception(),
     Cache(),
     # statistics / access log addons go here (issue 5)
+    AdminListener(),
     AccessLog(),
 ]

@@ -44,6 +44,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--cache-size", "cache_size", str, "size limit of the cache, e.g. 512MiB (default 1GiB)", "SIZE"),
     Flag("--cache-ttl", "cache_ttl", str, "how long entries are served, e.g. 30m (default 1h)", "DURATION"),
     Flag("--access-log", "access_log", str, 'one JSON line per request to FILE, or "-" for stderr', "FILE"),
+    Flag("--admin-port", "admin_port", int, "serve the dashboard, /stats and /metrics on this port", "PORT"),
 )
 
 
