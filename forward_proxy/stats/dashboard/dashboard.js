@@ -118,26 +118,26 @@ function renderSummary(report) {
     " (" + formatDuration(report.elapsed_seconds) + ")");
 
   setText("kpi-requests", formatCount(report.requests));
-  setText("kpi-requests-detail", formatCount(report.misses) + " misses · " + formatCount(report.bypasses) + " bypasses");
+  setText("kpi-requests-detail", plural(report.misses, "miss", "misses") + " · " + plural(report.bypasses, "bypass", "bypasses"));
 
   setText("kpi-hit-ratio", formatPercent(report.hit_ratio));
-  setText("kpi-hits-detail", formatCount(report.hits) + " hits of " + formatCount(report.requests));
+  setText("kpi-hits-detail", plural(report.hits, "hit", "hits") + " of " + formatCount(report.requests));
 
   setText("kpi-saved", formatSeconds(report.upstream_seconds_saved));
   setText("kpi-saved-detail", formatSeconds(report.upstream_seconds) + " spent upstream");
 
   setText("kpi-bytes", formatBytes(report.bytes_served_from_cache));
-  setText("kpi-bytes-detail", formatCount(report.hits + report.stale) + " answers from the store");
+  setText("kpi-bytes-detail", plural(report.hits + report.stale, "answer", "answers") + " from the store");
 
   setText("kpi-fill", formatBytes(report.size_bytes));
   const bar = document.getElementById("fill-bar");
   if (report.limit_bytes === null) {
     bar.style.width = "0";
-    setText("kpi-fill-detail", formatCount(report.entries) + " entries · no size limit");
+    setText("kpi-fill-detail", plural(report.entries, "entry", "entries") + " · no size limit");
   } else {
     bar.style.width = Math.min(100, report.fill_ratio * 100).toFixed(1) + "%";
     bar.classList.toggle("full", report.fill_ratio > 0.9);
-    setText("kpi-fill-detail", formatCount(report.entries) + " entries · " + formatPercent(report.fill_ratio) +
+    setText("kpi-fill-detail", plural(report.entries, "entry", "entries") + " · " + formatPercent(report.fill_ratio) +
       " of " + formatBytes(report.limit_bytes));
   }
 
@@ -186,6 +186,10 @@ function renderRoutes(report) {
     ratio.querySelector(".ratio-text").textContent = formatPercent(route.hit_ratio);
     cell(row, formatSeconds(route.upstream_seconds_saved), "saved");
   }
+}
+
+function plural(count, singular, pluralForm) {
+  return formatCount(count) + " " + (count === 1 ? singular : pluralForm);
 }
 
 // ---- charts -----------------------------------------------------------------------------------
@@ -243,6 +247,17 @@ function pathOf(points) {
   return d;
 }
 
+// A dot on every point that has no drawn neighbour (a line needs two), so a lone value still shows.
+function dotsOf(svg, points, className) {
+  points.forEach(([px, py], i) => {
+    const before = i > 0 && points[i - 1][1] !== null;
+    const after = i < points.length - 1 && points[i + 1][1] !== null;
+    if (py !== null && !before && !after) {
+      svg.appendChild(svgElement("circle", { cx: px.toFixed(1), cy: py.toFixed(1), r: 3.5, class: className }));
+    }
+  });
+}
+
 function renderRatioChart(samples) {
   const svg = document.getElementById("chart-ratio");
   clear(svg);
@@ -260,6 +275,8 @@ function renderRatioChart(samples) {
   });
   svg.appendChild(svgElement("path", { d: pathOf(windowed), class: "line-window" }));
   svg.appendChild(svgElement("path", { d: pathOf(total), class: "line-total" }));
+  dotsOf(svg, windowed, "dot-window");
+  dotsOf(svg, total, "dot-total");
 }
 
 function renderSavedChart(samples) {
