@@ -31,18 +31,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from forward_proxy.stats.counters import DECISION_NAMES
+
 __all__ = ["CONTENT_TYPE_LATEST", "ReportCollector", "render_metrics"]
 
 ReportReader = Callable[[], Mapping[str, Any]]
 
-_DECISIONS = (
-    ("hits", "hit"),
-    ("misses", "miss"),
-    ("bypasses", "bypass"),
-    ("refreshes", "refresh"),
-    ("coalesced", "coalesced"),
-    ("stale", "stale"),
-)
+# The `decision` label of each decision counter: the X-Cache value in lower case.
+_DECISION_LABELS = {"hits": "hit", "misses": "miss", "bypasses": "bypass", "refreshes": "refresh"}
 
 # (report field, metric name without `_total`, help text)
 _ROUTE_COUNTERS = (
@@ -78,8 +74,8 @@ class ReportCollector(Collector):
             labels=[*_LABELS, "decision"],
         )
         for row in routes:
-            for field, decision in _DECISIONS:
-                requests.add_metric([*_labels(row), decision], row[field])
+            for field in DECISION_NAMES:
+                requests.add_metric([*_labels(row), _DECISION_LABELS.get(field, field)], row[field])
         yield requests
 
         for field, name, documentation in _ROUTE_COUNTERS:
