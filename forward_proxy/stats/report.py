@@ -63,15 +63,13 @@ def build_report(snapshot: Snapshot, volume: Volume, now: float | None = None) -
         (_row(_sum(counts), origin=origin) for origin, counts in by_origin.items()),
         key=lambda row: (-row["requests"], row["origin"]),
     )
-    totals = _counts({name: snapshot.total(name) for name in (*COUNT_NAMES, *SECONDS_NAMES)})
     limit = volume.limit_bytes
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated_at": round(generated_at, 3),
         "started_at": round(snapshot.started_at, 3),
         "elapsed_seconds": round(max(0.0, generated_at - snapshot.started_at), 3),
-        **totals,
-        "hit_ratio": hit_ratio(totals["hits"], totals["requests"]),
+        **_row(_sum(rc.counts for rc in snapshot.routes)),  # the totals and their hit ratio
         "entries": volume.entries,
         "size_bytes": volume.size_bytes,
         "limit_bytes": limit,
