@@ -106,8 +106,16 @@ async def serve(flag_values: dict[str, Any], set_specs: Sequence[str], list_opti
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await master.run()
+    # Connections still open are cancelled when the loop closes; on Python < 3.12.4 asyncio reports each
+    # as an "exception in callback" (CancelledError). That is the normal end of a connection here.
+    loop.set_exception_handler(_quiet_cancellations)
     print("forward-proxy stopped", flush=True)
     return 0
+
+
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 class Announce:

@@ -160,7 +160,10 @@ class Counters:
             name, origin, route, model = parsed
             group = routes.get((origin, route, model))
             if group is None:
-                counts: dict[str, float] = {**dict.fromkeys(COUNT_NAMES, 0), **dict.fromkeys(SECONDS_NAMES, 0.0)}
+                counts: dict[str, float] = {
+                    **dict.fromkeys(COUNT_NAMES, 0),
+                    **dict.fromkeys(SECONDS_NAMES, 0.0),
+                }
                 group = routes[(origin, route, model)] = RouteCounts(origin, route, model, counts)
             group.counts[name] += value / _MICROSECONDS if name in SECONDS_NAMES else value
         ordered = sorted(routes.values(), key=lambda r: (r.origin, r.route, r.model or ""))

@@ -1,0 +1,110 @@
+"""Request bodies and queries in canonical form, so that requests meaning the same share a cache key.
+
+JSON bodies are parsed and written back with sorted keys and no insignificant whitespace; fields the
+user chose to ignore (dotted paths such as `request_id` or `metadata.trace`) are left out. Compressed
+bodies (gzip, deflate, br) are decoded first. Anything else is keyed by its bytes.
+
+>>> canonical_body(b'{ "input": "hi",  "model": "m" }', "application/json", None, ()).data
+b'json:{"input":"hi","model":"m"}'
+>>> canonical_query("b=2&a=1&a=0")
+'a=0&a=1&b=2'
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import brotli
+
+_DECODERS = {
+    "gzip": gzip.decompress,
+    "x-gzip": gzip.decompress,
+    "deflate": lambda data: _inflate(data),
+    "br": brotli.decompress,
+    "identity": lambda data: data,
+}
+
+
+def _inflate(data: bytes) -> bytes:
+    try:
+        return zlib.decompress(data)  # RFC 9110 "deflate": zlib-wrapped
+    except zlib.error:
+        return zlib.decompress(data, -zlib.MAX_WBITS)  # what some clients send: raw deflate
+
+
+@dataclass(frozen=True)
+class CanonicalBody:
+    data: bytes  # the bytes the key is built from
+    document: Any  # the parsed JSON document (before ignored fields were dropped), or None
+
+
+def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
+    """`raw` with its Content-Encoding undone (codings applied last are undone first)."""
+    if not content_encoding:
+        return raw
+    data = raw
+    for coding in reversed([part.strip().lower() for part in content_encoding.split(",") if part.strip()]):
+        decoder = _DECODERS.get(coding)
+        if decoder is None:
+            raise ValueError(f"unknown content coding {coding!r}")
+        data = decoder(data)
+    return data
+
+
+def is_json_type(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # many clients post JSON without saying so; a failed parse falls back to bytes
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def canonical_json(document: Any) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def drop_fields(document: Any, paths: Sequence[str]) -> Any:
+    """A copy of `document` without the dotted `paths` (only objects are descended into)."""
+    if not paths or not isinstance(document, dict):
+        return document
+    here = {path for path in paths if "." not in path}
+    deeper: dict[str, list[str]] = {}
+    for path in paths:
+        if "." in path:
+            head, rest = path.split(".", 1)
+            deeper.setdefault(head, []).append(rest)
+    return {
+        name: drop_fields(value, deeper[name]) if name in deeper else value
+        for name, value in document.items()
+        if name not in here
+    }
+
+
+def canonical_body(
+    raw: bytes, content_type: str | None, content_encoding: str | None, ignore_fields: Sequence[str]
+) -> CanonicalBody:
+    """The canonical bytes of a request body. Undecodable bodies are keyed by their raw bytes plus coding."""
+    try:
+        data = decode_body(raw, content_encoding)
+    except (ValueError, OSError, EOFError, zlib.error, brotli.error):
+        return CanonicalBody(b"undecodable:" + (content_encoding or "").encode() + b":" + raw, None)
+    if data and is_json_type(content_type):
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            pass
+        else:
+            return CanonicalBody(b"json:" + canonical_json(drop_fields(document, ignore_fields)), document)
+    return CanonicalBody(b"bytes:" + data, None)
+
+
+def canonical_query(query: str) -> str:
+    """The query with its parameters sorted (order-independent), consistently percent-encoded."""
+    if not query:
+        return ""
+    return urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
