@@ -234,19 +234,21 @@ class EgressGuard:
         host, port = request.host, request.port
         asked_for = self._tunnels.get(flow.server_conn) if not tunnel else None
         name = asked_for if asked_for is not None and flow.server_conn.address == (host, port) else host
-        try:
-            addresses = await self._resolve(host, port)
-        except OSError as exc:
-            flow.response = error_response(
-                502,
-                "upstream_unresolvable",
-                f"The proxy could not resolve {host} ({exc}); check the host name.",
-                host=host,
-            )
-            unresolved = Decision(False, "unresolvable", str(exc), None)
-            self._log(unresolved, host, port, flow.client_conn, method=request.method)
-            return
-        decision = self.rules.decide(name, addresses)
+        decision = self.rules.deny_by_name(name)
+        if decision is None:
+            try:
+                addresses = await self._resolve(host, port)
+            except OSError as exc:
+                flow.response = error_response(
+                    502,
+                    "upstream_unresolvable",
+                    f"The proxy could not resolve {host} ({exc}); check the host name.",
+                    host=host,
+                )
+                unresolved = Decision(False, "unresolvable", str(exc), None)
+                self._log(unresolved, host, port, flow.client_conn, method=request.method)
+                return
+            decision = self.rules.decide(name, addresses)
         flow.metadata[EGRESS_METADATA] = decision.rule
         self._log(decision, name, port, flow.client_conn, method=request.method)
         if not decision.allowed:

@@ -308,9 +308,10 @@ class EgressRules:
         """Decide for `host` that resolved to `addresses` (one address for a literal)."""
         if not addresses:
             return Decision(False, "unresolved", f"{host} has no address", None)
+        denied_name = self.deny_by_name(host)
+        if denied_name is not None:
+            return denied_name
         for rule in self.deny:
-            if rule.matches_name(host):
-                return Decision(False, f"deny:{rule.text}", f"{host} is in egress_deny", None)
             for address in addresses:
                 if rule.matches_address(address):
                     return Decision(False, f"deny:{rule.text}", f"{address} is in egress_deny", address)
@@ -333,6 +334,13 @@ class EgressRules:
             return Decision(True, f"allow:{entry_by_name.text}", f"{host} is in egress_allow", chosen)
         found = classify(chosen)
         return Decision(True, f"class:{found.address_class.value}", found.describe(), chosen)
+
+    def deny_by_name(self, host: str) -> Decision | None:
+        """Step 1 for names: a denied name is refused before anyone asks DNS about it."""
+        for rule in self.deny:
+            if rule.matches_name(host):
+                return Decision(False, f"deny:{rule.text}", f"{host} is in egress_deny", None)
+        return None
 
     def check_address(self, address: IPAddress) -> Decision | None:
         """The address-only part of the policy (steps 2-4): an allow by CIDR, a denial, or None (no objection)."""

@@ -183,6 +183,16 @@ def test_deny_and_allow_lists(tctx: taddons.context, guard: EgressGuard) -> None
     assert allowed.metadata["fp.egress"] == "allow:169.254.169.254/32"
 
 
+def test_denied_names_are_refused_before_any_dns_lookup(
+    tctx: taddons.context, guard: EgressGuard, resolver: FakeResolver
+) -> None:
+    tctx.configure(guard, egress_deny=[".corp.example"])
+    flow = request_flow("http://secrets.corp.example/")
+    run(tctx, guard.requestheaders(flow))
+    assert error_of(flow)["rule"] == "deny:.corp.example"
+    assert resolver.lookups == []
+
+
 def test_bad_rules_are_refused_at_configure(tctx: taddons.context, guard: EgressGuard) -> None:
     with pytest.raises(exceptions.OptionsError, match="egress_deny"):
         tctx.configure(guard, egress_deny=["http://x/"])
