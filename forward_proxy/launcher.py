@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from forward_proxy.policy.clients import comma_separated
+
 # The launcher's own defaults where they differ from mitmproxy's: listen on loopback only, and no
 # per-flow dump on stdout (the access log addon writes one line per request instead).
 LAUNCHER_DEFAULTS: dict[str, Any] = {"listen_host": "127.0.0.1", "listen_port": 8080, "flow_detail": 0}
@@ -45,6 +47,16 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--cache-ttl", "cache_ttl", str, "how long entries are served, e.g. 30m (default 1h)", "DURATION"),
     Flag("--access-log", "access_log", str, 'one JSON line per request to FILE, or "-" for stderr', "FILE"),
     Flag("--admin-port", "admin_port", int, "serve the dashboard, /stats and /metrics on this port", "PORT"),
+    Flag(
+        "--proxyauth", "proxyauth", str, 'require proxy credentials: "user:pass" or "@htpasswd-file"', "SPEC"
+    ),
+    Flag(
+        "--allow-clients",
+        "allow_clients",
+        comma_separated,
+        "client networks that may connect, comma-separated CIDRs (default loopback and private ranges)",
+        "CIDRS",
+    ),
 )
 
 

@@ -60,3 +60,8 @@ class ClientNetworks:
     def admits(self, host: str | IPAddress) -> bool:
         address = host if isinstance(host, IPv4Address | IPv6Address) else client_address(host)
         return any(address.version == n.version and address in n for n in self.networks)
+
+
+def comma_separated(text: str) -> list[str]:
+    """`--allow-clients 127.0.0.2/32,10.0.0.0/8` as the option's list."""
+    return [entry.strip() for entry in text.split(",") if entry.strip()]

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from forward_proxy.policy.clients import DEFAULT_CLIENT_NETWORKS, ClientNetworks, client_address
+from forward_proxy.policy.clients import (
+    DEFAULT_CLIENT_NETWORKS,
+    ClientNetworks,
+    client_address,
+    comma_separated,
+)
 
 DEFAULTS = ClientNetworks.parse(DEFAULT_CLIENT_NETWORKS)
 
@@ -47,3 +52,7 @@ def test_client_address_normalises_mapped_and_zoned_addresses() -> None:
 def test_bad_lists_are_explained(entries: list[str]) -> None:
     with pytest.raises(ValueError, match="allow_clients"):
         ClientNetworks.parse(entries)
+
+
+def test_comma_separated_lists_for_the_launcher_flag() -> None:
+    assert comma_separated(" 127.0.0.2/32, 10.0.0.0/8 ,") == ["127.0.0.2/32", "10.0.0.0/8"]

@@ -55,7 +55,7 @@ def pseudonym(proxy: RunningProxy, address: str) -> str:
 
 
 def test_clients_outside_allow_clients_are_refused_at_connect(tmp_path: Path, upstream: Upstream) -> None:
-    with start_proxy(tmp_path, "--set", "allow_clients=127.0.0.2/32") as proxy:
+    with start_proxy(tmp_path, "--allow-clients", "127.0.0.2/32,10.0.0.0/8") as proxy:
         admitted = http_request(proxy.host, proxy.port, upstream.url("/policy/x"), source="127.0.0.2")
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             http_request(proxy.host, proxy.port, upstream.url("/policy/x"), source="127.0.0.3")
@@ -79,7 +79,7 @@ def test_proxy_auth_accepts_refuses_and_never_forwards_credentials(
     tmp_path: Path, upstream: Upstream, tls_upstream: TlsUpstream, kind: str
 ) -> None:
     spec = "alice:secret" if kind == "user:password" else htpasswd_file(tmp_path)
-    with start_proxy(tmp_path, "--set", f"proxyauth={spec}") as proxy:
+    with start_proxy(tmp_path, "--proxyauth", spec) as proxy:
         url = upstream.url("/policy/auth")
         missing = http_request(proxy.host, proxy.port, url)
         wrong = http_request(
