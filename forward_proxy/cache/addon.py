@@ -153,7 +153,7 @@ class Cache:
         try:
             self.store, counter_store = open_store(config.directory, config.size_limit)
         except StoreError as exc:
-            logger.error(
+            logger.warning(  # not an error: the proxy serves on without the cache
                 f"cache store unavailable, requests are forwarded uncached: {exc}. "
                 "Check that the cache directory is writable, or choose another with --cache-dir."
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +78,15 @@ def start_proxy(
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
     timeout: float = 60.0,
+    wrapper: Sequence[str] = (),
 ) -> RunningProxy:
-    """Run `forward-proxy run --listen-host HOST --listen-port <free> --cache-dir DIR *extra_args`."""
+    """Run `forward-proxy run --listen-host HOST --listen-port <free> --cache-dir DIR *extra_args`.
+
+    `wrapper` goes before the command, e.g. `("prlimit", "--fsize=262144")` to make its disk "full"."""
     cache_dir = cache_dir if cache_dir is not None else tmp_path / "cache"
     port = free_port(host)
     argv = [
+        *wrapper,
         console_script("forward-proxy"),
         "run",
         "--listen-host",

@@ -15,14 +15,19 @@ upstream calls never return the same bytes, and it carries `X-Model-Version` whe
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import ipaddress
 import json
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -93,12 +98,85 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     upstream: Upstream
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        with self.connections_lock:
+            self.open_connections.add(connection)
+        return connection, address
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Close kept-alive connections too, as a process that exits would."""
+        with self.connections_lock:
+            connections = list(self.open_connections)
+            self.open_connections.clear()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+
+def self_signed_certificate(directory: Path, names: Sequence[str] = ("localhost", "127.0.0.1")) -> Path:
+    """Write a self-signed certificate and its key for `names` into one PEM file; return its path."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    alternative: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alternative.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternative.append(x509.DNSName(name))
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = directory / "upstream-cert.pem"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        + certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
 
 class Upstream:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, model_version: str | None = "v1") -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_version: str | None = "v1",
+        certificate: Path | None = None,
+    ) -> None:
+        """`certificate`: a PEM file with certificate and key (see `self_signed_certificate`) to serve HTTPS."""
         self.host = host
         self.port = port
         self.model_version = model_version
+        self.certificate = certificate
         self._replies: dict[str, Reply] = {}
         self._default = Reply()
         self._counts: Counter[str] = Counter()
@@ -111,6 +189,10 @@ class Upstream:
     def start(self) -> Upstream:
         server = _Server((self.host, self.port), _Handler)
         server.upstream = self
+        if self.certificate is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certificate)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = int(server.server_address[1])
         self._server = server
         self._thread = threading.Thread(
@@ -123,6 +205,7 @@ class Upstream:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.close_connections()
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -144,7 +227,8 @@ class Upstream:
     # addresses
     @property
     def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.certificate is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.origin + path
