@@ -8,7 +8,6 @@ Load order: `ClientAccess`, then `EgressGuard`, then the privacy addon, then the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import weakref
@@ -20,6 +19,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs, server_hooks
 
+from forward_proxy.errors import error_response
 from forward_proxy.policy.clients import DEFAULT_CLIENT_NETWORKS, ClientNetworks, client_address
 from forward_proxy.policy.egress import (
     Decision,
@@ -37,12 +37,6 @@ EGRESS_METADATA = "fp.egress"  # the rule that decided, e.g. "class:loopback"
 EGRESS_HOST_METADATA = "fp.egress.host"  # the requested host when the flow was pinned to an address
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
-
-
-def error_response(status: int, code: str, message: str, **details: Any) -> http.Response:
-    """The proxy's one error shape: {"error": {"code": ..., "message": ..., ...details}}."""
-    body = json.dumps({"error": {"code": code, "message": message, **details}})
-    return http.Response.make(status, body, {"Content-Type": "application/json"})
 
 
 class ClientAccess:
@@ -109,8 +103,8 @@ class ClientAccess:
             "proxy_auth_required",
             "This proxy needs credentials: send Proxy-Authorization: Basic <base64 user:password> "
             "(with requests: proxies={'http': 'http://user:password@proxy:port'}).",
+            headers=challenge,
         )
-        flow.response.headers.update(challenge)
         log.warning(
             "proxy auth refused " + log_fields({"method": flow.request.method}),
             extra={"client": flow.client_conn.peername},
