@@ -66,13 +66,25 @@ def validation_error(exc: RequestValidationError) -> ApiError:
             "Content-Type: application/json.",
         )
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    param = _location(first.get("loc", ("body",)))
+    # A value matching no member of a union gives one error per member, each located under the
+    # member's name: the field is where their locations part.
+    locations = [tuple(error.get("loc", ("body",))) for error in errors] or [("body",)]
+    shared = locations[0]
+    for location in locations[1:]:
+        common = 0
+        while common < min(len(shared), len(location)) and shared[common] == location[common]:
+            common += 1
+        shared = shared[:common]
+    param = _location(shared)
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param == "body" and first.get("type") == "missing":
         message = "The request has no body; send a JSON object with Content-Type: application/json."
     elif first.get("type") == "missing":
         message = f"The field '{param}' is required."
+    elif len(errors) > 1 and len(set(locations)) > 1:
+        message = f"The field '{param}' has none of the accepted forms ({reason})."
     else:
-        message = f"The field '{param}' is invalid: {first.get('msg', 'invalid value')}."
+        message = f"The field '{param}' is invalid: {reason.rstrip('.')}."
     return ApiError(422, "invalid_request", message, param=param)
 
 

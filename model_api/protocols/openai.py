@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from model_api.errors import ApiError
 from model_api.models.base import EmbeddingModel, EmbeddingRow
@@ -23,14 +23,31 @@ from model_api.requestlog import annotate
 from model_api.settings import Settings
 
 TokenIds = list[StrictInt]
+INPUT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _check_input_form(value: Any) -> Any:
+    """One readable error for an `input` of no accepted form (instead of one per union member)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+
+        def is_id(item: Any) -> bool:
+            return isinstance(item, int) and not isinstance(item, bool)
+
+        if all(isinstance(item, str) for item in value) or all(is_id(item) for item in value):
+            return value
+        if all(isinstance(item, list) and all(is_id(token) for token in item) for item in value):
+            return value
+    raise ValueError(f"'input' must be {INPUT_FORMS}")
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
-        description="Text, list of texts, token ids, or list of token-id lists to embed."
-    )
+    input: Annotated[
+        StrictStr | list[StrictStr] | TokenIds | list[TokenIds], BeforeValidator(_check_input_form)
+    ] = Field(description=f"What to embed: {INPUT_FORMS}.")
     model: str | None = Field(None, description="Model name (default: the first embedding model loaded).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = Field(
