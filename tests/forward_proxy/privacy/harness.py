@@ -60,6 +60,9 @@ class Answer:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def header(self, name: str) -> str | None:
+        return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
+
 
 def http_request(
     proxy_host: str,

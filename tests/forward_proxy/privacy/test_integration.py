@@ -7,6 +7,8 @@ survives a restart and changes with the key.
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,9 +32,25 @@ def upstream() -> Iterator[Upstream]:
         yield server
 
 
-def ask(proxy: RunningProxy, upstream: Upstream, source: str, path: str = "/privacy/echo") -> None:
-    answer = http_request(proxy.host, proxy.port, upstream.url(path), source=source, headers=IDENTITY_HEADERS)
+def ask(proxy: RunningProxy, upstream: Upstream, source: str, serial: int) -> None:
+    """A plain request (forwarded by mitmproxy) and a cached route (fetched by the cache's own client)."""
+    answer = http_request(
+        proxy.host, proxy.port, upstream.url("/privacy/echo"), source=source, headers=IDENTITY_HEADERS
+    )
     assert answer.status == 200, answer.body
+    body = json.dumps({"model": "m", "input": [f"text {serial} from a client"]}).encode()
+    headers = {**IDENTITY_HEADERS, "Content-Type": "application/json"}
+    cached_route = http_request(
+        proxy.host,
+        proxy.port,
+        upstream.url("/v1/embeddings"),
+        source=source,
+        method="POST",
+        headers=headers,
+        body=body,
+    )
+    assert cached_route.status == 200, cached_route.body
+    assert cached_route.header("X-Cache") == "MISS"
 
 
 def pseudonyms_seen(received: list[Received]) -> list[str | None]:
@@ -54,12 +72,13 @@ def test_upstream_sees_only_a_stable_pseudonym_per_client_across_restarts_until_
     tmp_path: Path, upstream: Upstream
 ) -> None:
     cache_dir = tmp_path / "cache"
+    serials = itertools.count()  # every embeddings body differs, so each one reaches the upstream
 
     def two_requests_per_client() -> list[str | None]:
         upstream.clear()
         with start_proxy(tmp_path, cache_dir=cache_dir) as proxy:
             for source in CLIENTS * 2:
-                ask(proxy, upstream, source)
+                ask(proxy, upstream, source, next(serials))
             # a refused request: its log line is a warning, printed whatever the verbosity
             for source in CLIENTS:
                 denied = http_request(proxy.host, proxy.port, "http://169.254.169.254/", source=source)
@@ -68,7 +87,11 @@ def test_upstream_sees_only_a_stable_pseudonym_per_client_across_restarts_until_
         received = upstream.received("/privacy/echo")
         assert len(received) == 4
         assert_nothing_identifies_the_clients(received)
+        through_the_cache = upstream.received("/v1/embeddings")
+        assert len(through_the_cache) == 4
+        assert_nothing_identifies_the_clients(through_the_cache)
         ids = pseudonyms_seen(received)
+        assert pseudonyms_seen(through_the_cache) == ids
         assert all(ids), ids
         for address in CLIENTS:
             assert address not in log, f"{address} in the proxy's output:\n{log}"
