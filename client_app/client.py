@@ -308,8 +308,8 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _root_reason(exc: BaseException) -> str:
     innermost = list(_causes(exc))[-1]
     text = str(innermost) or type(innermost).__name__
-    # urllib3 prefixes the connection object's repr; the part after the last colon is the reason.
-    return text.rsplit("): ", 1)[-1]
+    # urllib3 prefixes the connection object's repr (the reason follows it); OpenSSL appends its source line.
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text.rsplit("): ", 1)[-1])
 
 
 def network_error(
@@ -327,7 +327,7 @@ def network_error(
     if isinstance(exc, requests.exceptions.ProxyError) and proxy:
         if refused:
             return ClientError(f"the proxy at {proxy} refused the connection — is forward-proxy running?")
-        tunnel = next((str(c) for c in causes if "Tunnel connection failed" in str(c)), None)
+        tunnel = next((str(c) for c in reversed(causes) if "Tunnel connection failed" in str(c)), None)
         if tunnel:
             return ClientError(f"the proxy at {proxy} would not open a tunnel to {target}: {tunnel}")
         return ClientError(f"could not reach the proxy at {proxy}: {_root_reason(exc)}")

@@ -7,7 +7,7 @@ value modulo 10.
 
 The fake proxy takes absolute-form requests (`POST http://127.0.0.1:P/path`) as `HTTP_PROXY` makes
 requests send them, forwards them without any proxy, and adds `X-Cache: MISS` the first time it sees a
-(method, URL, body) and `X-Cache: HIT` (answering from memory) after that.
+(method, URL, body) and `X-Cache: HIT` (answering from memory) after that. It refuses every `CONNECT` (HTTPS tunnel) with 403.
 """
 
 from __future__ import annotations
@@ -171,6 +171,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
     do_GET = do_POST = do_HEAD = _handle
+
+    def do_CONNECT(self) -> None:  # this proxy opens no tunnels: HTTPS through it is refused
+        self.server.fake.seen.append(f"CONNECT {self.path}")
+        self.send_response(403, "Forbidden")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
