@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -49,8 +50,21 @@ def _open_cache(directory: Path, **settings: Any) -> diskcache.Cache:
     )
 
 
+_SELECT_LIVE = (
+    "SELECT mode, filename, value FROM Cache"
+    " WHERE key = ? AND raw = ? AND (expire_time IS NULL OR expire_time > ?)"
+)
+_TOUCH = "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = ?"
+
+
 class DiskStore:
-    """Responses in a diskcache.Cache, evicting the least recently used beyond `size_limit` bytes."""
+    """Responses in a diskcache.Cache, evicting the least recently used beyond `size_limit` bytes.
+
+    diskcache's own least-recently-used `get` writes the access time in a transaction of its own, which
+    costs more than the whole rest of a cache hit. Here a read is a plain SELECT (diskcache's own fast
+    path for other policies) and access times are written in batches: by `flush()` (the cache addon calls
+    it every second) and before each eviction, so the order that eviction follows is at most a second old.
+    """
 
     def __init__(self, directory: Path, size_limit: int | None = None) -> None:
         settings: dict[str, Any] = {"eviction_policy": "least-recently-used", "cull_limit": 0}
@@ -58,19 +72,54 @@ class DiskStore:
             settings["size_limit"] = size_limit
         self.directory = directory
         self._cache = _open_cache(directory, **settings)
+        self._touched: dict[str, float] = {}
+        self._touched_lock = threading.Lock()
 
     def get(self, key: str) -> Entry | None:
-        value = _guarded("cache read failed", lambda: self._cache.get(key))
-        if value is not None and not isinstance(value, Entry):
+        def read() -> Any:
+            cache = self._cache
+            db_key, raw = cache._disk.put(key)
+            rows = cache._sql(_SELECT_LIVE, (db_key, raw, time.time())).fetchall()
+            if not rows:
+                return None
+            mode, filename, value = rows[0]
+            try:
+                return cache._disk.fetch(mode, filename, value, False)
+            except OSError:
+                return None  # removed (evicted, purged) between the SELECT and reading its file
+
+        value = _guarded("cache read failed", read)
+        if value is None:
+            return None
+        if not isinstance(value, Entry):
             raise StoreError(f"cache read failed: {key!r} holds a {type(value).__name__}, not an entry")
+        with self._touched_lock:
+            self._touched[key] = time.time()
         return value
 
     def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
         def store() -> int:
             self._cache.set(key, entry, expire=expire_seconds)
+            self._write_access_times()
             return int(self._cache.cull())  # expired entries first, then least recently used
 
         return _guarded("cache write failed", store)
+
+    def flush(self) -> None:
+        """Write the access times of the entries read since the last flush (for eviction order)."""
+        _guarded("cache access times failed", self._write_access_times)
+
+    def _write_access_times(self) -> None:
+        with self._touched_lock:
+            touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        rows = []
+        for key, when in touched.items():
+            db_key, raw = self._cache._disk.put(key)
+            rows.append((when, db_key, raw))
+        with self._cache.transact():
+            self._cache._con.executemany(_TOUCH, rows)
 
     def delete(self, key: str) -> bool:
         return bool(_guarded("cache delete failed", lambda: self._cache.delete(key)))
@@ -89,6 +138,8 @@ class DiskStore:
         )
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._write_access_times()
         with contextlib.suppress(Exception):
             self._cache.close()
 
