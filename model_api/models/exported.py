@@ -18,6 +18,7 @@ every input and output is dynamic and no other input dimension is.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,9 @@ import torch
 from torch.utils import _pytree
 
 from model_api.models.digest import tensors_digest
-from model_api.tensors import TensorSpec
+from model_api.tensors import NUMPY_DTYPES, TensorSpec
+
+logger = logging.getLogger(__name__)
 
 SIGNATURE_FILE = "model_api.json"
 EXPORTED_SUFFIXES = (".pt2",)
@@ -176,6 +179,18 @@ class ExportedModel:
             {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)},
             extra=[self.platform.encode(), signature.encode()],
         )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One pass on zeros (size 1 for dynamic dimensions), so that the first client does not pay for it."""
+        zeros = [
+            np.zeros([1 if size == -1 else size for size in spec.shape], dtype=NUMPY_DTYPES[spec.datatype])
+            for spec in self.inputs
+        ]
+        try:
+            self._forward(zeros)
+        except Exception as error:  # a program may refuse zeros or size 1; then the first request warms it
+            logger.debug("%s: no warm-up pass (%s)", self.name, error)
 
     def _forward(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         tensors = [

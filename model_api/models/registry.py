@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_api.batching import DynamicBatcher, Overloaded
+from model_api.batching import BatcherClosed, DynamicBatcher, Overloaded
 from model_api.errors import ApiError
 from model_api.models.base import Model
 from model_api.models.digest import deployment_version
@@ -132,6 +132,10 @@ class ServedModel:
                 503,
                 "overloaded",
                 f"Model '{self.name}' has too much queued work ({error}); retry shortly.",
+            ) from error
+        except BatcherClosed as error:
+            raise ApiError(
+                503, "shutting_down", "The server is shutting down; retry on another instance or later."
             ) from error
 
     async def close(self) -> None:

@@ -61,6 +61,7 @@ class SentenceModel:
         self.inputs = (TensorSpec("text", "BYTES", (-1,)),)
         self.outputs = (TensorSpec("embedding", "FP32", (-1, self.dimension)),)
         self.digest = tensors_digest(self._model.state_dict(), extra=directory_files(source))
+        self.run_batch(["warm up"])  # the first pass is slow (allocations); do not make a client wait for it
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The ids the model reads for each text: special tokens added, cut at `max_tokens`."""
