@@ -34,8 +34,9 @@ API_URL_ENV = "MODEL_API_URL"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_TIMEOUT = 30.0
 
-# Response headers worth showing a user: the proxy's cache decision and key, the deployment version.
-CACHE_HEADERS = ("X-Cache", "X-Cache-Key", "X-Model-Version")
+# Response headers worth showing a user: the proxy's cache decision, key and rows served from the cache
+# (`X-Cache-Rows: 3/4` for a batch), and the model deployment's version.
+CACHE_HEADERS = ("X-Cache", "X-Cache-Key", "X-Cache-Rows", "X-Model-Version")
 
 
 class ClientError(Exception):

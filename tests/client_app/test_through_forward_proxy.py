@@ -48,9 +48,16 @@ def test_every_command_goes_through_http_proxy_to_a_loopback_api(
         ("POST", "/v2/models/digits/infer"),
     ]
     assert logged(tmp_path) == expected + [("POST", "/v1/embeddings")] * 6
-    # The proxy makes requests of its own (a version probe); the client's carry its User-Agent.
-    from_client = [r for r in api.requests if r.headers.get("User-Agent", "").startswith("client-app ")]
-    assert len(from_client) == 11
+
+
+def test_a_repeated_request_shows_the_proxys_hit(api: FakeModelApi, forward_proxy: RunningProxy) -> None:
+    env = clean_environment(HTTP_PROXY=forward_proxy.url)
+    first = client_app("--api-url", api.url, "embed", "the same sentence", env=env)
+    second = client_app("--api-url", api.url, "embed", "the same sentence", env=env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "X-Cache: MISS   X-Cache-Key: " in first.stdout.splitlines()[1]
+    assert "X-Cache: HIT   X-Cache-Key: " in second.stdout.splitlines()[1]
+    assert first.stdout.splitlines()[2:] == second.stdout.splitlines()[2:]
 
 
 def test_model_api_down_behind_the_proxy_is_one_line(forward_proxy: RunningProxy) -> None:
