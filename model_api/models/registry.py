@@ -7,6 +7,7 @@ response carries as `X-Model-Version`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ class ServedModel:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.executor.shutdown(wait=True)
+        # Waits for a pass still running, without blocking the event loop meanwhile.
+        await asyncio.to_thread(self.executor.shutdown, True)
 
 
 class Registry:
