@@ -55,6 +55,7 @@ from forward_proxy.store.memory import MemoryCounterStore
 logger = logging.getLogger(__name__)
 
 COUNTER_FLUSH_SECONDS = 0.25
+STORE_FLUSH_SECONDS = 1.0
 VERSION_CHECK_TIMEOUT = 5.0
 STORE_ERROR_LOG_SECONDS = 60.0
 # Headers of an upstream answer that describe one response on the wire, not the stored answer.
@@ -128,6 +129,20 @@ class Cache:
     def running(self) -> None:
         if self.config is not None:
             self._open(self.config)
+        task = asyncio.ensure_future(self._flush_store_forever())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_store_forever(self) -> None:
+        """Write the store's buffered bookkeeping (LRU access times) every second, off the event loop."""
+        while True:
+            await asyncio.sleep(STORE_FLUSH_SECONDS)
+            flush = getattr(self.store, "flush", None)
+            if flush is not None:
+                try:
+                    await asyncio.to_thread(flush)
+                except StoreError as exc:
+                    logger.debug(f"cache store flush failed: {exc}")
 
     async def settled(self) -> None:
         """Wait until no upstream call or store write is in flight."""
@@ -184,7 +199,7 @@ class Cache:
         origin = f"{request.scheme}://{request.host}:{request.port}"
         flow.metadata["fp.route"] = rule.label
         flow.metadata["fp.origin"] = origin
-        headers = request.headers
+        headers = _header_map(request.headers.fields)
         raw = request.raw_content
         accept = headers.get("accept", "")
         if raw is None or "text/event-stream" in accept:
@@ -209,7 +224,7 @@ class Cache:
             return
         namespace = headers.get(NAMESPACE_HEADER, "")
         if NAMESPACE_HEADER in headers:
-            del headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
+            del request.headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
 
         confirmed = True
         directives = handling.directives
@@ -533,6 +548,17 @@ class Cache:
         if now - self._store_error_logged_at >= STORE_ERROR_LOG_SECONDS:
             self._store_error_logged_at = now
             logger.warning(f"cache store failed, forwarding uncached: {why} (logged at most once a minute)")
+
+
+def _header_map(fields: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+    """Request headers by lower-case name, repeated ones joined with ", " (as `Headers.get` does); one
+    pass instead of a scan of every header per lookup."""
+    header: dict[str, str] = {}
+    for name, value in fields:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        header[key] = f"{header[key]}, {text}" if key in header else text
+    return header
 
 
 def _header(entry: Entry, name: str) -> str | None:
