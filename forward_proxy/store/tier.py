@@ -86,7 +86,10 @@ class MemoryTier:
         return self.backend.volume()
 
     def flush(self) -> None:
-        self.backend.flush()
+        """The backend's optional bookkeeping write (diskcache's access times), as the cache addon calls it."""
+        flush = getattr(self.backend, "flush", None)
+        if flush is not None:
+            flush()
 
     def memory_volume(self) -> Volume:
         """What the tier itself holds."""
