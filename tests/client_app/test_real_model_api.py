@@ -1,4 +1,4 @@
-"""`client-app` against the real model API (`.venv-model/bin/model-api serve`, MiniLM and the digits model)."""
+"""`client-app` against the real model API (`model-api serve` from `.venv-model`: MiniLM and the digits model)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.client_app.conftest import clean_environment, client_app
-from tests.support.processes import REPO, ManagedProcess, free_port, running, wait_for_http
+from tests.client_app.conftest import client_app
+from tests.support.model_server import export_digits, running_model_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-# Not console_script(): the proxy environment has a `model-api` entry point too, but not torch.
-MODEL_API = REPO / ".venv-model" / "bin" / "model-api"
 
 
 @pytest.fixture(scope="module")
 def model_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    assert MODEL_API.exists(), f"{MODEL_API} is missing; run `make venvs`"
-    folder = tmp_path_factory.mktemp("model-api")
-    digits = folder / "digits.pt2"
-    export = ManagedProcess([str(MODEL_API), "export-example", str(digits)], folder / "export.log").start()
-    assert export.proc is not None
-    assert export.proc.wait(timeout=240) == 0, export.log()
-    port = free_port()
-    argv = [str(MODEL_API), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    argv += ["--model", "all-MiniLM-L6-v2", "--model", f"digits={digits}"]
-    with running(ManagedProcess(argv, folder / "serve.log", clean_environment())) as server:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/v2/health/ready", timeout=240, proc=server.proc)
+    work = tmp_path_factory.mktemp("model-api")
+    digits = export_digits(work / "digits.pt2")
+    with running_model_api(
+        work, "--device", "cpu", "--model", "all-MiniLM-L6-v2", "--model", f"digits={digits}"
+    ) as url:
         yield url
 
 
