@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from requests.utils import select_proxy
@@ -145,12 +145,12 @@ class ModelApiClient:
 
     def model_metadata(self, name: str) -> ModelMetadata:
         """`GET /v2/models/{name}`: the names, datatypes and shapes of the model's tensors."""
-        reply = self.call("GET", f"/v2/models/{name}")
+        reply = self.call("GET", f"/v2/models/{quote(name, safe='')}")
         return parse_metadata(reply, name)
 
     def infer(self, name: str, inputs: Sequence[Mapping[str, Any]]) -> Reply:
         """`POST /v2/models/{name}/infer` with KServe v2 `inputs`; the reply's body holds `outputs`."""
-        reply = self.call("POST", f"/v2/models/{name}/infer", {"inputs": list(inputs)})
+        reply = self.call("POST", f"/v2/models/{quote(name, safe='')}/infer", {"inputs": list(inputs)})
         outputs = reply.body.get("outputs") if isinstance(reply.body, dict) else None
         if not isinstance(outputs, list) or not outputs:
             raise ClientError(f"unexpected answer from {reply.url}: no `outputs` list in the JSON body")
