@@ -58,10 +58,9 @@ def test_error_bodies_of_the_model_api(api: FakeModelApi) -> None:
     api.failures["/v1/embeddings"] = (422, validation)
     message = one_line_error(client_app("--api-url", api.url, "search", "q"))
     assert message.endswith("answered 422 Unprocessable Entity: body.input: Field required")
-    message = one_line_error(client_app("--api-url", api.url, "predict", "--model", "nope"))
-    assert (
-        message
-        == f"GET {api.url}/v2/models/nope answered 404 Not Found: not_found: no route GET /v2/models/nope"
+    message = one_line_error(client_app("--api-url", api.url, "predict", "--model", "no/pe"))
+    assert message == (
+        f"GET {api.url}/v2/models/no%2Fpe answered 404 Not Found: not_found: no route GET /v2/models/no%2Fpe"
     )
 
 
