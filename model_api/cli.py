@@ -31,7 +31,7 @@ SERVE_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 MISSING_ENVIRONMENT = (
     "this environment lacks the model server's packages (torch, pydantic, fastapi); "
-    "run .venv-model/bin/model-api, or install the 'model' extra (make .venv-model)"
+    "run .venv-model/bin/model-api, or build it with `make venvs`"
 )
 
 

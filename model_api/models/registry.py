@@ -87,16 +87,20 @@ def load_model(spec: ModelSpec, device: str) -> Model:
     from model_api.models.exported import ExportedModel, ModelFileError
     from model_api.models.sentence import SentenceModel, is_sentence_transformers_dir
 
-    if is_sentence_transformers_dir(spec.source):
-        return SentenceModel(spec.name, spec.source, device)
-    if spec.source.is_file():
-        try:
+    if not is_sentence_transformers_dir(spec.source) and not spec.source.is_file():
+        raise ModelSpecError(
+            f"{spec.source}: neither a sentence-transformers directory (with modules.json) nor a .pt2 / .pt file"
+        )
+    try:
+        if spec.source.is_file():
             return ExportedModel(spec.name, spec.source, device)
-        except ModelFileError as error:
-            raise ModelSpecError(str(error)) from error
-    raise ModelSpecError(
-        f"{spec.source}: neither a sentence-transformers directory (with modules.json) nor a .pt2 / .pt file"
-    )
+        return SentenceModel(spec.name, spec.source, device)
+    except ModelFileError as error:
+        raise ModelSpecError(str(error)) from error
+    except Exception as error:  # a damaged or foreign file: say which, and why
+        raise ModelSpecError(
+            f"{spec.source}: cannot be loaded as model '{spec.name}' ({type(error).__name__}: {error})"
+        ) from error
 
 
 class ServedModel:

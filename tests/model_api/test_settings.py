@@ -8,7 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from model_api.cli import SERVE_OPTIONS, build_parser, main
-from model_api.models.registry import DEFAULT_MODEL, ModelSpecError, bundled_minilm_dir, parse_model_spec
+from model_api.models.registry import (
+    DEFAULT_MODEL,
+    ModelSpecError,
+    bundled_minilm_dir,
+    load_model,
+    parse_model_spec,
+)
 from model_api.settings import Settings
 
 
@@ -85,3 +91,13 @@ def test_an_invalid_option_value_names_the_flag(capsys: pytest.CaptureFixture[st
 def test_a_missing_model_file_stops_serve_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model", "d=/no/such/file.pt2"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_damaged_model_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_text("not a zip archive")
+    with pytest.raises(ModelSpecError, match=r"damaged\.pt2: cannot be loaded as model 'damaged'"):
+        load_model(parse_model_spec(str(damaged)), "cpu")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelSpecError, match=r"not a \.pt2"):
+        load_model(parse_model_spec(f"notes={tmp_path / 'notes.txt'}"), "cpu")
