@@ -33,6 +33,7 @@ from mitmproxy import ctx, exceptions, http
 from forward_proxy.cache.canonical import canonical_body, canonical_query
 from forward_proxy.cache.config import OPTIONS, CacheConfig
 from forward_proxy.cache.keys import NAMESPACE_HEADER, KeyParts, cache_key, key_headers, key_id, partition
+from forward_proxy.cache.peritem import ROWS_HEADER, BatchRequest, RowCache, RowSettings, RowsOutcome
 from forward_proxy.cache.policy import (
     RequestDirectives,
     Usability,
@@ -42,6 +43,7 @@ from forward_proxy.cache.policy import (
     unstorable_reason,
     usability,
 )
+from forward_proxy.cache.rows import Batch, protocol_of, split_embeddings, split_inference
 from forward_proxy.cache.rules import Rule, model_from_path
 from forward_proxy.cache.singleflight import Role, SingleFlight
 from forward_proxy.cache.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -67,6 +69,7 @@ _DECISION_COUNTER = {
     "REFRESH": "refreshes",
     "COALESCED": "coalesced",
     "STALE": "stale",
+    "PARTIAL": "misses",  # it went upstream; also counted in `partials`
 }
 
 
@@ -83,6 +86,7 @@ class _Handling:
     key: str = ""
     key_id: str = ""
     stale: Entry | None = None  # an entry that may stand in if the upstream fails
+    store_failed: bool = False  # the store failed for this flow already: not asked again for its rows
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ class Cache:
         self.client = UpstreamClient()
         self._flights = SingleFlight[_Fetched](max_waiters=1000)
         self._checks = SingleFlight[bool](max_waiters=1_000_000)
+        self.rows = RowCache()
+        self._batch_flights = SingleFlight[RowsOutcome](max_waiters=1000)
         self._secret = os.urandom(32)
         self._opened: tuple[Any, ...] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -122,6 +128,7 @@ class Cache:
         self.config = config
         self.versions.interval = config.version_check_interval
         self._flights.max_waiters = config.max_waiters
+        self._batch_flights.max_waiters = self.rows.flight.max_waiters = config.max_waiters
         self.client.verify_tls = not ctx.options.ssl_insecure
         if self._opened is not None:  # already running: follow a changed directory, size or secret
             self._open(config)
@@ -147,6 +154,7 @@ class Cache:
     async def settled(self) -> None:
         """Wait until no upstream call or store write is in flight."""
         await self._flights.drain()
+        await self._batch_flights.drain()
 
     def done(self) -> None:
         for task in self._background:
@@ -273,6 +281,9 @@ class Cache:
                     return
                 if use is not Usability.UNUSABLE:
                     handling.stale = entry
+        if config.per_item_cache and (batch := await self._batch(handling, document)) is not None:
+            await self._answer_rows(handling, batch, confirmed)
+            return
         if directives.only_if_cached:
             flow.response = self._error(
                 handling,
@@ -483,6 +494,129 @@ class Cache:
         self._count(handling, "requests")
         self._count(handling, _DECISION_COUNTER[decision])
 
+    # --- per-item caching of batches (peritem.py) ----------------------------------------------
+
+    async def _batch(self, handling: _Handling, document: Any) -> Batch | None:
+        """The request's rows when it is a batch the cache may answer row by row, else None."""
+        assert self.config is not None and handling.parts is not None
+        protocol = protocol_of(handling.parts.path)
+        if protocol == "openai-embeddings":
+            return split_embeddings(document, self.config.ignore_fields)
+        if protocol == "kserve-v2-infer":
+            batch = split_inference(document, self.config.ignore_fields)
+            request = handling.flow.request
+            if batch is not None and await self.rows.model_batches(
+                self.client, handling.parts, request.headers.fields, request.pretty_host
+            ):
+                return batch
+        return None
+
+    async def _answer_rows(self, handling: _Handling, batch: Batch, confirmed: bool) -> None:
+        """Answer a batch row by row; identical batches in flight share one answer (COALESCED)."""
+        config = self.config
+        assert config is not None and handling.parts is not None
+        request = handling.flow.request
+        batch_request = BatchRequest(
+            batch=batch,
+            parts=handling.parts,
+            directives=handling.directives,
+            confirmed=confirmed,
+            origin=handling.origin,
+            route=handling.rule.label,
+            model=handling.model,
+            server_name=request.pretty_host,
+            headers=tuple(request.headers.fields),
+            raw_body=request.raw_content or b"",
+        )
+        settings = RowSettings(
+            ttl=config.ttl,
+            stale_if_error=config.stale_if_error,
+            statuses=config.statuses,
+            max_entry_size=config.max_entry_size,
+            upstream_timeout=config.upstream_timeout,
+            version_header=config.version_header,
+        )
+
+        async def compute() -> RowsOutcome:
+            store = None if handling.store_failed else self.store
+            outcome = await self.rows.answer(
+                batch_request, store=store, client=self.client, secret=self._secret, settings=settings
+            )
+            await self._after_rows(handling, outcome)
+            return outcome
+
+        try:
+            outcome, role = await self._batch_flights.run(
+                handling.key, compute, timeout=config.upstream_timeout * 2
+            )
+        except TimeoutError:
+            failure = UpstreamError("timeout", f"no answer within {config.upstream_timeout * 2:g}s")
+            self._answer_failure(handling, "COALESCED", failure)
+            return
+        flow = handling.flow
+        decision = "COALESCED" if role is Role.WAITER else outcome.decision
+        from_cache = 0 if role is Role.WAITER else outcome.from_cache
+        self._count(handling, "rows", outcome.rows)
+        if role is not Role.WAITER:
+            self._count(handling, "rows_from_cache", outcome.from_cache)
+            self._count(handling, "rows_upstream", outcome.upstream)
+        if outcome.not_cached:
+            missing = outcome.rows - outcome.from_cache
+            flow.response = self._error(
+                handling,
+                "MISS",
+                504,
+                "not_cached",
+                f"{missing} of the {outcome.rows} rows of this batch are not cached, and `Cache-Control: "
+                "only-if-cached` forbids asking the upstream. Send the request without only-if-cached to have "
+                "them computed.",
+            )
+            self._decide(handling, "MISS")
+            return
+        if outcome.failure is not None:
+            self._answer_failure(handling, decision, outcome.failure)
+            return
+        fields = list(outcome.headers)
+        fields += _cache_headers(decision, handling.key_id, outcome.age if from_cache else None)
+        fields.append((ROWS_HEADER.lower().encode(), f"{from_cache}/{outcome.rows}".encode()))
+        fields.append((b"content-length", str(len(outcome.content)).encode()))
+        flow.response = _response(outcome.status, outcome.reason, fields, outcome.content)
+        served_from_store = decision in ("HIT", "STALE")
+        flow.metadata["fp.upstream_seconds"] = (
+            outcome.seconds_saved if served_from_store else outcome.upstream_seconds
+        )
+        flow.metadata["fp.rows"] = {
+            "rows": outcome.rows,
+            "from_cache": from_cache,
+            "upstream": outcome.upstream,
+        }
+        self._decide(handling, decision)
+        if decision == "PARTIAL":
+            self._count(handling, "partials")
+        if from_cache:
+            self._count(handling, "bytes_served_from_cache", outcome.bytes_from_cache)
+            self._count(handling, "upstream_seconds_saved", outcome.seconds_saved)
+            now = time.time()
+            if self.versions.state(handling.origin, now) is Knowledge.DUE:
+                self._check_version_in_background(request.scheme, request.host, request.port, handling.origin)
+
+    async def _after_rows(self, handling: _Handling, outcome: RowsOutcome) -> None:
+        """Count the events of one row-by-row answer, learn the version, store an answer that had no rows."""
+        assert self.config is not None and handling.parts is not None
+        for why in outcome.store_errors:
+            self._store_failed(handling, why)
+        self._count(handling, "stores", outcome.stores)
+        if outcome.evicted:
+            self.counters.count("evictions", origin="", route="", model=None, amount=outcome.evicted)
+        self._count(handling, "upstream_errors", outcome.upstream_errors)
+        self._count(handling, "upstream_seconds", outcome.upstream_seconds)
+        if outcome.version is not None:
+            self.versions.learn(handling.origin, outcome.version, time.time())
+        if outcome.unsplit is not None:  # the upstream does not answer in rows: keep the whole answer
+            version = outcome.version if outcome.version is not None else handling.parts.version
+            key = cache_key(dataclasses.replace(handling.parts, version=version), self._secret)
+            await self._store(handling, _Fetched(outcome.unsplit, version, key, key_id(key)))
+
     # --- versions ------------------------------------------------------------------------------
 
     async def _check_version(self, scheme: str, host: str, port: int, origin: str) -> bool:
@@ -543,6 +677,7 @@ class Cache:
         )
 
     def _store_failed(self, handling: _Handling, why: str) -> None:
+        handling.store_failed = True
         self._count(handling, "store_errors")
         now = time.monotonic()
         if now - self._store_error_logged_at >= STORE_ERROR_LOG_SECONDS:

@@ -88,6 +88,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "(processes sharing a cache directory share it).",
     ),
     OptionSpec(
+        "per_item_cache",
+        bool,
+        True,
+        "Cache batched inference row by row: OpenAI embedding inputs and KServe v2 tensor rows (for models "
+        "whose metadata has max_batch_size > 0) are looked up one by one and only the unknown rows go "
+        "upstream (X-Cache: PARTIAL, X-Cache-Rows). Off: such requests are cached whole.",
+    ),
+    OptionSpec(
         "cache_statuses",
         Sequence[str],
         ["200"],
@@ -163,6 +171,7 @@ class CacheConfig:
     version_check_path: str
     version_header: str
     upstream_timeout: float
+    per_item_cache: bool = True
 
     @classmethod
     def from_options(cls, options: OptionValues) -> CacheConfig:
@@ -204,6 +213,7 @@ class CacheConfig:
             version_check_path=path,
             version_header=options.version_header,
             upstream_timeout=timeout,
+            per_item_cache=bool(options.per_item_cache),
         )
 
     def describe(self) -> str:

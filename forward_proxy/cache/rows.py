@@ -24,8 +24,9 @@ upstream answer only carries the batch's total, so a row's own count comes from 
 as given), or by subtraction when exactly one row's count is unknown. A row whose count stays unknown is
 still answered correctly but cannot be stored.
 
-Merged answers are written as compact JSON (no spaces, non-ASCII kept), which is how FastAPI/Starlette
-and so the model API write theirs: float values survive parsing and writing unchanged.
+Merged answers are written as compact JSON (no spaces, non-ASCII kept), which is how FastAPI and so the
+model API write theirs, and every number keeps the text the upstream gave it (`Number`), so a merged
+answer holds the very bytes of each row's answer.
 
 >>> batch = split_embeddings({"model": "m", "input": ["a", "b", "a"]})
 >>> [row.content for row in batch.rows]
@@ -42,7 +43,7 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,14 +103,57 @@ class FreshRows:
     unattributed_tokens: int  # prompt tokens of the answers whose own count is unknown, together
 
 
+class Number(str):
+    """A JSON number as the upstream wrote it, written back verbatim (`1e-8` stays `1e-8`, not `1e-08`)."""
+
+
+def load(body: bytes | str) -> Any:
+    """Parse JSON keeping every non-integer number's text (`Number`), so that `dump` rewrites it unchanged."""
+    return json.loads(body, parse_float=Number)
+
+
 def dump(document: Any) -> bytes:
-    """JSON as FastAPI writes it: compact, non-ASCII kept."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    r"""Compact JSON with non-ASCII kept, as FastAPI writes it; `Number`s as they were read.
+
+    >>> dump(load(b'{"v": [1.5e-8, 0.25, 1E3], "n": 3, "s": "caf\xc3\xa9"}'))
+    b'{"v":[1.5e-8,0.25,1E3],"n":3,"s":"caf\xc3\xa9"}'
+    """
+    return "".join(_json_parts(document)).encode()
+
+
+def _json_parts(value: Any) -> Iterator[str]:
+    if isinstance(value, Number):
+        yield value
+    elif isinstance(value, dict):
+        yield "{"
+        for index, (name, inner) in enumerate(value.items()):
+            if index:
+                yield ","
+            yield _string(name)
+            yield ":"
+            yield from _json_parts(inner)
+        yield "}"
+    elif isinstance(value, list | tuple):
+        if value and all(type(item) is Number for item in value):
+            yield "[" + ",".join(value) + "]"  # the common case: a tensor's numbers
+            return
+        yield "["
+        for index, inner in enumerate(value):
+            if index:
+                yield ","
+            yield from _json_parts(inner)
+        yield "]"
+    else:
+        yield _string(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _load_object(body: bytes) -> JsonObject:
     try:
-        document = json.loads(body)
+        document = load(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise AnswerMismatch(f"the answer is not JSON: {exc}") from None
     if not isinstance(document, dict):

@@ -53,8 +53,12 @@ COUNT_NAMES = (
 )
 SECONDS_NAMES = ("upstream_seconds_saved", "upstream_seconds")
 DECISION_NAMES = ("hits", "misses", "bypasses", "refreshes", "coalesced", "stale")
+# Per-item caching of batches: a PARTIAL answer counts one request, one miss (it went upstream) and one
+# `partials`; `rows`, `rows_from_cache` and `rows_upstream` count the rows of batches answered row by row
+# (in `RouteCounts.counts` once counted).
+ROW_NAMES = ("partials", "rows", "rows_from_cache", "rows_upstream")
 _MICROSECONDS = 1_000_000
-_KNOWN = frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES)
+_KNOWN = frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES) | frozenset(ROW_NAMES)
 
 
 def _escape(part: str) -> str:
@@ -165,7 +169,9 @@ class Counters:
                     **dict.fromkeys(SECONDS_NAMES, 0.0),
                 }
                 group = routes[(origin, route, model)] = RouteCounts(origin, route, model, counts)
-            group.counts[name] += value / _MICROSECONDS if name in SECONDS_NAMES else value
+            group.counts[name] = group.counts.get(name, 0) + (
+                value / _MICROSECONDS if name in SECONDS_NAMES else value
+            )
         ordered = sorted(routes.values(), key=lambda r: (r.origin, r.route, r.model or ""))
         return Snapshot(started_at, ordered)
 

@@ -8,7 +8,7 @@ import random
 import struct
 from typing import Any
 
-from forward_proxy.cache.rows import dump, flatten
+from forward_proxy.cache.rows import Number, dump, flatten
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DIMENSION = 8
@@ -18,10 +18,16 @@ def _float32(value: float) -> float:
     return float(struct.unpack("<f", struct.pack("<f", value))[0])
 
 
+def written(value: float) -> Number:
+    """A float as pydantic (serde) writes it: `1.5e-8` where Python writes `1.5e-08`."""
+    return Number(repr(value).replace("e-0", "e-").replace("e+", "e"))
+
+
 def _vector(row: Any, dimensions: int | None) -> list[float]:
     seed = hashlib.sha256(repr(row).encode()).digest()
     generator = random.Random(seed)
-    vector = [generator.uniform(-1, 1) for _ in range(DIMENSION)][: dimensions or DIMENSION]
+    vector = [generator.uniform(-1, 1) * 10 ** generator.randint(-9, 0) for _ in range(DIMENSION)]
+    vector = vector[: dimensions or DIMENSION]
     norm = sum(value * value for value in vector) ** 0.5
     return [_float32(value / norm) for value in vector]
 
@@ -46,7 +52,7 @@ def embeddings_answer(document: dict[str, Any]) -> tuple[bytes, str]:
         if document.get("encoding_format") == "base64":
             embedding: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         else:
-            embedding = vector
+            embedding = [written(value) for value in vector]
         data.append({"object": "embedding", "embedding": embedding, "index": index})
     total = sum(counts)
     body = {
@@ -65,13 +71,13 @@ def inference_answer(document: dict[str, Any], name: str = "scorer", version: st
     rows = features["shape"][0]
     flat = flatten(features["data"])
     width = len(flat) // rows
-    scores: list[float] = []
+    scores: list[Number] = []
     labels: list[int] = []
     for row in range(rows):
         values = flat[row * width : (row + 1) * width]
         weight = sum(flatten(inputs["weights"]["data"])[row * 2 : row * 2 + 2]) if "weights" in inputs else 1
         pair = [_float32(sum(values) * weight / 7), _float32(max(values) - min(values))]
-        scores.extend(pair)
+        scores.extend(written(value) for value in pair)
         labels.append(int(pair[0] > pair[1]))
     outputs = [
         {"name": "score", "datatype": "FP32", "shape": [rows, 2], "data": scores},

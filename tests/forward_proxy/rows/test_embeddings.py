@@ -145,11 +145,13 @@ def test_merge_renumbers_indices_and_sums_usage() -> None:
     assert batch is not None
     body, header = embeddings_answer(json.loads(batch.request_body([1, 0])))  # sent in another order
     fresh = batch.fresh_answers([1, 0], body, header)
-    merged = json.loads(batch.merge([fresh.answers[1], fresh.answers[0], fresh.answers[1]]))
+    body = batch.merge([fresh.answers[1], fresh.answers[0], fresh.answers[1]])
+    assert body == embeddings_answer(REQUEST)[0]
+    merged = json.loads(body)
     assert [item["index"] for item in merged["data"]] == [0, 1, 2]
     assert merged["data"][0]["embedding"] == merged["data"][2]["embedding"]
     assert merged["usage"] == {"prompt_tokens": 24, "total_tokens": 24}
-    assert json.dumps(merged, separators=(",", ":")).encode() == embeddings_answer(REQUEST)[0]
+    assert b"e-0" not in body and b"e-" in body  # numbers keep the upstream's own writing
 
 
 @pytest.mark.parametrize(
