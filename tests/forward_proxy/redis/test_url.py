@@ -6,7 +6,7 @@ import doctest
 
 import pytest
 
-from forward_proxy.store import locks, redis, tier
+from forward_proxy.store import backend, locks, redis, tier
 from forward_proxy.store.redis import is_redis_url, parse_redis_url
 
 
@@ -99,7 +99,7 @@ def test_a_password_never_shows_in_an_error() -> None:
     assert "hunter2" not in str(raised.value)
 
 
-@pytest.mark.parametrize("module", [redis, locks, tier])
+@pytest.mark.parametrize("module", [redis, locks, tier, backend])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
