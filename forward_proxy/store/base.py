@@ -41,12 +41,17 @@ class Volume(NamedTuple):
 
 
 class CacheStore(Protocol):
+    """Stored responses by key. A backend may also have `flush() -> int`, which the cache addon calls
+    every second off the event loop to write buffered bookkeeping and evict (it returns the number of
+    entries removed); see `DiskStore.flush`."""
+
     def get(self, key: str) -> Entry | None:
         """The entry under `key`, or None; counts as a use for least-recently-used eviction."""
         ...
 
     def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
-        """Store `entry` for `expire_seconds`; returns how many entries were evicted to make room."""
+        """Store `entry` for `expire_seconds`; returns how many entries this call evicted to make room
+        (a backend may evict in `flush()` instead, when it has one)."""
         ...
 
     def delete(self, key: str) -> bool:

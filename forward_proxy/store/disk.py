@@ -61,9 +61,11 @@ class DiskStore:
     """Responses in a diskcache.Cache, evicting the least recently used beyond `size_limit` bytes.
 
     diskcache's own least-recently-used `get` writes the access time in a transaction of its own, which
-    costs more than the whole rest of a cache hit. Here a read is a plain SELECT (diskcache's own fast
-    path for other policies) and access times are written in batches: by `flush()` (the cache addon calls
-    it every second) and before each eviction, so the order that eviction follows is at most a second old.
+    costs more than the whole rest of a cache hit, and its `set` culls in the same call. Here a read is a
+    plain SELECT (diskcache's own fast path for other policies), a write is one transaction, and `flush()`
+    (the cache addon calls it every second, off the event loop) writes the batched access times, then
+    removes expired entries and evicts the least recently used beyond the size limit. So the cache may
+    exceed its limit for up to a second, and the eviction order is at most a second old.
     """
 
     def __init__(self, directory: Path, size_limit: int | None = None) -> None:
@@ -98,16 +100,19 @@ class DiskStore:
         return value
 
     def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
-        def store() -> int:
-            self._cache.set(key, entry, expire=expire_seconds)
+        """Store `entry`; evicting to the size limit is left to `flush()`, so this returns 0."""
+        _guarded("cache write failed", lambda: self._cache.set(key, entry, expire=expire_seconds))
+        return 0
+
+    def flush(self) -> int:
+        """Write the access times read since the last flush, then remove expired entries and evict the
+        least recently used beyond the size limit; returns how many entries were removed."""
+
+        def write_and_cull() -> int:
             self._write_access_times()
-            return int(self._cache.cull())  # expired entries first, then least recently used
+            return int(self._cache.cull())
 
-        return _guarded("cache write failed", store)
-
-    def flush(self) -> None:
-        """Write the access times of the entries read since the last flush (for eviction order)."""
-        _guarded("cache access times failed", self._write_access_times)
+        return _guarded("cache flush failed", write_and_cull)
 
     def _write_access_times(self) -> None:
         with self._touched_lock:

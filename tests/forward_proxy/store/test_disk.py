@@ -44,11 +44,14 @@ def test_entry_round_trips(tmp_path: Path) -> None:
     assert entries.get("a") is None
 
 
-def test_entries_expire(tmp_path: Path) -> None:
+def test_entries_expire_and_flush_removes_them(tmp_path: Path) -> None:
     entries = DiskStore(tmp_path / "entries", 2**20)
     entries.set("a", make_entry(), expire_seconds=0.05)
     time.sleep(0.1)
     assert entries.get("a") is None
+    assert entries.volume().entries == 1
+    assert entries.flush() == 1
+    assert entries.volume().entries == 0
 
 
 BIG = b"x" * 40_000  # stored as a file of its own, so the volume follows the entries
@@ -64,8 +67,10 @@ def test_size_limit_evicts_the_least_recently_used(tmp_path: Path) -> None:
     entries = DiskStore(tmp_path / "entries", size_limit=LIMIT)
     fill(entries, 15)
     assert entries.get("k0") is not None  # k0 is now the most recently used
-    evicted = sum(entries.set(f"n{index}", make_entry(BIG), expire_seconds=60) for index in range(3))
-    assert evicted >= 1  # diskcache evicts in batches of up to 10 entries
+    for index in range(3):
+        assert entries.set(f"n{index}", make_entry(BIG), expire_seconds=60) == 0  # eviction waits for flush
+    assert entries.volume().size_bytes > LIMIT
+    assert entries.flush() >= 1  # diskcache evicts in batches of up to 10 entries
     assert entries.get("k0") is not None
     assert entries.get("k1") is None
     assert entries.volume().size_bytes <= LIMIT
@@ -133,5 +138,6 @@ def test_reads_reach_the_eviction_order_of_other_processes_after_a_flush(tmp_pat
     reader.flush()
     for index in range(3):
         writer.set(f"n{index}", make_entry(BIG), expire_seconds=60)
+    assert writer.flush() >= 1
     assert writer.get("k0") is not None
     assert writer.get("k1") is None
