@@ -224,7 +224,12 @@ def cmd_load(args: argparse.Namespace, client: ModelApiClient) -> int:
         )
     from tqdm import tqdm  # only the load command draws a progress bar
 
-    with tqdm(total=len(plan), unit="req", file=sys.stderr, disable=not args.progress) as bar:
+    with tqdm(
+        total=len(plan),
+        unit="req",
+        file=sys.stderr,
+        disable=None if args.progress is None else not args.progress,
+    ) as bar:
         outcomes, elapsed = load_module.run(
             send,
             plan,
@@ -469,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: a new random seed per run)",
     )
     load.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: only when stderr is a terminal)",
     )
     load.add_argument("--json", action="store_true", help="print the report as JSON")
     load.set_defaults(handler=cmd_load)

@@ -199,10 +199,12 @@ def test_load_with_concurrency_prints_a_readable_report(api: FakeModelApi) -> No
     assert result.stderr == ""
 
 
-def test_load_shows_a_progress_bar_on_stderr(api: FakeModelApi) -> None:
-    result = client_app("--api-url", api.url, "load", "--requests", "5", "--concurrency", "2")
-    assert result.returncode == 0, result.stderr
-    assert "5/5" in result.stderr
+def test_load_progress_bar_on_stderr_only_when_asked_or_on_a_terminal(api: FakeModelApi) -> None:
+    forced = client_app("--api-url", api.url, "load", "--requests", "5", "--concurrency", "2", "--progress")
+    assert forced.returncode == 0, forced.stderr
+    assert "5/5" in forced.stderr and "5/5" not in forced.stdout
+    piped = client_app("--api-url", api.url, "load", "--requests", "5", "--concurrency", "2")
+    assert piped.returncode == 0 and piped.stderr == ""
 
 
 def test_load_on_the_infer_route(api: FakeModelApi) -> None:
