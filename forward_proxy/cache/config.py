@@ -72,7 +72,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "cache_vary_headers",
         Sequence[str],
         [],
-        "Request headers that change the answer and so belong in the key, besides Content-Type and Accept.",
+        "Request headers that change the answer and so belong in the key, besides Host, Content-Type and Accept.",
     ),
     OptionSpec(
         "cache_partition_headers",

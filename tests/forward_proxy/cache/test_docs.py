@@ -1,0 +1,59 @@
+"""Every option of the project's addons is documented: in docs/configuration.md (the reference), or, for
+an option added since, in the table of its owner's page (configuration.md then links there); and every
+launcher flag is in docs/configuration.md."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from forward_proxy.launcher import FLAGS
+from tests.support.processes import REPO
+
+CONFIGURATION = REPO / "docs" / "configuration.md"
+
+
+def project_options() -> set[str]:
+    """Names of the options the project's addons add to mitmproxy's own."""
+
+    async def collect() -> set[str]:
+        from mitmproxy import options
+        from mitmproxy.tools.dump import DumpMaster
+
+        from forward_proxy import addons
+
+        builtin = options.Options()
+        DumpMaster(builtin)
+        extended = options.Options()
+        DumpMaster(extended).addons.add(*addons.addons)
+        return set(extended.keys()) - set(builtin.keys())
+
+    return asyncio.run(collect())
+
+
+def documented_in(text: str) -> set[str]:
+    """Option names in the first column of a Markdown table."""
+    return set(re.findall(r"^\| `([a-z_]+)`", text, re.MULTILINE))
+
+
+def test_every_project_option_is_documented() -> None:
+    documented = documented_in(CONFIGURATION.read_text())
+    for page in (REPO / "docs").glob("*.md"):
+        documented |= documented_in(page.read_text())
+    missing = project_options() - documented
+    assert not missing, (
+        f"document these options in a table of docs/configuration.md or your page: {sorted(missing)}"
+    )
+
+
+def test_the_cache_options_are_in_the_reference() -> None:
+    from forward_proxy.cache.config import OPTIONS
+
+    documented = documented_in(CONFIGURATION.read_text())
+    assert {option.name for option in OPTIONS} | {"intercept_hosts"} <= documented
+
+
+def test_every_launcher_flag_is_documented() -> None:
+    text = CONFIGURATION.read_text()
+    for flag in FLAGS:
+        assert f"`{flag.flag} " in text, flag.flag
