@@ -5,12 +5,16 @@ Every setting is a mitmproxy option (one source of truth, shared with `mitmdump 
 The first-class flags below are shorthands for the most used options; any option can be set with
 `--set NAME=VALUE`, and `forward-proxy run --options` lists them all with their help. To add a flag,
 add one `Flag` line to `FLAGS`.
+
+`--workers N` (N > 1) runs N such proxies, one process each, behind the one listening port
+(`forward_proxy.workers`); only the first runs the admin listener, which shows the shared counters of all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -42,6 +46,14 @@ FLAGS: tuple[Flag, ...] = (
         str,
         "cache directory (default $FORWARD_PROXY_CACHE_DIR, else ~/.cache/forward-proxy)",
         "DIR",
+    ),
+    Flag(
+        "--cache-backend",
+        "cache_backend",
+        str,
+        "where the cache lives: empty for the cache directory, or a Redis URL redis://[user:pass@]host:port/db "
+        "shared by a fleet of proxies",
+        "URL",
     ),
     Flag("--cache-size", "cache_size", str, "size limit of the cache, e.g. 512MiB (default 1GiB)", "SIZE"),
     Flag("--cache-ttl", "cache_ttl", str, "how long entries are served, e.g. 30m (default 1h)", "DURATION"),
@@ -80,27 +92,86 @@ def register(subcommands: Any) -> None:
     parser.add_argument(
         "--options", action="store_true", help="print every option with its default and help, then exit"
     )
+    parser.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="run N proxy processes behind the one listening port (Linux SO_REUSEPORT), sharing the cache; "
+        "default 1",
+    )
     parser.set_defaults(handler=run)
+
+
+MOST_WORKERS = 256
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers such as 2") from None
+    if not 1 <= count <= MOST_WORKERS:
+        raise argparse.ArgumentTypeError(f"give 1 to {MOST_WORKERS} workers, not {count}")
+    return count
 
 
 def run(args: argparse.Namespace) -> int:
     flags = {flag.option: getattr(args, flag.option) for flag in FLAGS}
-    return asyncio.run(
-        serve({k: v for k, v in flags.items() if v is not None}, args.setoptions, args.options)
-    )
+    flag_values = {k: v for k, v in flags.items() if v is not None}
+    if args.workers == 1 or args.options:
+        result = asyncio.run(serve(flag_values, args.setoptions, args.options))
+        return result if isinstance(result, int) else 0
+    return run_workers(args.workers, flag_values, args.setoptions)
 
 
-async def serve(flag_values: dict[str, Any], set_specs: Sequence[str], list_options: bool = False) -> int:
-    """Build the master, apply defaults, `--set` options and flags (in that order), run until signalled."""
+def run_workers(count: int, flag_values: dict[str, Any], set_specs: Sequence[str]) -> int:
+    """Check the options once here (a mistake stops everything at once, with one message), then supervise
+    `count` worker processes on the one port."""
+    from forward_proxy import workers
+
+    checked = asyncio.run(serve(flag_values, set_specs, check_only=True))
+    if isinstance(checked, int):
+        return checked
+    host, port = checked
+    try:
+        workers.check_reuse_port(host, port)
+    except OSError as exc:
+        print(f"forward-proxy run: {exc}", file=sys.stderr)
+        return 2
+    return workers.supervise(count, functools.partial(_work, count, flag_values, tuple(set_specs)))
+
+
+def _work(count: int, flag_values: dict[str, Any], set_specs: tuple[str, ...], index: int) -> int:
+    """One worker: a whole proxy; only worker 0 keeps the admin listener (one port cannot serve two)."""
+    values = dict(flag_values) if index == 0 else {**flag_values, "admin_port": 0}
+    result = asyncio.run(serve(values, set_specs, worker=(index, count)))
+    return result if isinstance(result, int) else 0
+
+
+async def serve(
+    flag_values: dict[str, Any],
+    set_specs: Sequence[str],
+    list_options: bool = False,
+    *,
+    check_only: bool = False,
+    worker: tuple[int, int] | None = None,
+) -> int | tuple[str, int]:
+    """Build the master, apply defaults, `--set` options and flags (in that order), run until signalled.
+
+    `check_only`: stop after applying the options and return where the proxy would listen.
+    `worker` (index, count): this proxy is one of `--workers`; its start-up line says which."""
     # mitmproxy is imported here so that `forward-proxy stats` and `--help` stay quick.
     from mitmproxy import exceptions, options, optmanager
     from mitmproxy.tools.dump import DumpMaster
 
     from forward_proxy import addons
+    from forward_proxy.stopping import GracefulStop
 
     opts = options.Options()
     master = DumpMaster(opts)
-    master.addons.add(*addons.addons, Announce())
+    stopping = GracefulStop()
+    master.addons.add(*addons.addons, Announce(worker), stopping)
     if list_options:
         optmanager.dump_defaults(opts, sys.stdout)
         return 0
@@ -111,10 +182,12 @@ async def serve(flag_values: dict[str, Any], set_specs: Sequence[str], list_opti
     except exceptions.OptionsError as exc:
         print(f"forward-proxy run: {exc}", file=sys.stderr)
         return 2
+    if check_only:
+        return opts.listen_host, opts.listen_port
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, master.shutdown)
+        loop.add_signal_handler(signum, stopping.request_stop, master)  # answers requests in flight first
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await master.run()
@@ -133,6 +206,9 @@ def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any
 class Announce:
     """Prints where the proxy listens and where its cache lives, once the servers are up."""
 
+    def __init__(self, worker: tuple[int, int] | None = None) -> None:
+        self.worker = worker
+
     def running(self) -> None:
         from mitmproxy import ctx
 
@@ -144,7 +220,8 @@ class Announce:
             addresses = [f"http://{ctx.options.listen_host or '0.0.0.0'}:{ctx.options.listen_port or 8080}"]
         cache: Any = ctx.master.addons.get("cache")
         where = f"cache: {cache.config.describe()}" if cache is not None and cache.config else "cache: off"
-        print(f"forward-proxy listening on {', '.join(addresses)} ({where})", flush=True)
+        which = f" [worker {self.worker[0] + 1} of {self.worker[1]}]" if self.worker is not None else ""
+        print(f"forward-proxy listening on {', '.join(addresses)} ({where}){which}", flush=True)
 
 
 def _host(host: str) -> str:

@@ -16,6 +16,11 @@ It sets `X-Cache`, `X-Cache-Key` and (when served from the store) `Age`, and rec
 teach the cache the upstream's current deployment version.
 
 A failing store never fails a request: the flow is forwarded uncached, the failure logged and counted.
+
+The store is the backend `cache_backend` names (`forward_proxy.store.backend`): diskcache in the cache
+directory, or a Redis shared by a fleet of proxies. With Redis, the one upstream call a process would make
+for a key is also coalesced across processes and hosts (`forward_proxy.store.locks.FleetFlight`): a
+request that another proxy is already computing waits for that proxy's stored answer (COALESCED).
 """
 
 from __future__ import annotations
@@ -32,7 +37,16 @@ from mitmproxy import ctx, exceptions, http
 
 from forward_proxy.cache.canonical import canonical_body, canonical_query
 from forward_proxy.cache.config import OPTIONS, CacheConfig
-from forward_proxy.cache.keys import NAMESPACE_HEADER, KeyParts, cache_key, key_headers, key_id, partition
+from forward_proxy.cache.keys import (
+    KEY_HEADERS,
+    NAMESPACE_HEADER,
+    PARTITION_HEADERS,
+    KeyParts,
+    cache_key,
+    key_headers,
+    key_id,
+    partition,
+)
 from forward_proxy.cache.peritem import ROWS_HEADER, BatchRequest, RowCache, RowSettings, RowsOutcome
 from forward_proxy.cache.policy import (
     RequestDirectives,
@@ -46,12 +60,13 @@ from forward_proxy.cache.policy import (
 from forward_proxy.cache.rows import Batch, protocol_of, split_embeddings, split_inference
 from forward_proxy.cache.rules import Rule, model_from_path
 from forward_proxy.cache.singleflight import Role, SingleFlight
-from forward_proxy.cache.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from forward_proxy.cache.upstream import UpstreamClient, UpstreamError, UpstreamResponse, request_problem
 from forward_proxy.cache.versions import Knowledge, VersionBook
 from forward_proxy.errors import error_response
 from forward_proxy.stats.counters import Counters
+from forward_proxy.store.backend import Backend, open_backend
 from forward_proxy.store.base import CacheStore, Entry, StoreError
-from forward_proxy.store.disk import load_partition_secret, open_store
+from forward_proxy.store.locks import FleetFlight, Turn
 from forward_proxy.store.memory import MemoryCounterStore
 
 logger = logging.getLogger(__name__)
@@ -60,6 +75,7 @@ COUNTER_FLUSH_SECONDS = 0.25
 STORE_FLUSH_SECONDS = 1.0
 VERSION_CHECK_TIMEOUT = 5.0
 STORE_ERROR_LOG_SECONDS = 60.0
+SECRET_RETRY_SECONDS = 2.0
 # Headers of an upstream answer that describe one response on the wire, not the stored answer.
 _NOT_STORED = frozenset({"age", "x-cache", "x-cache-key", "content-length"})
 _DECISION_COUNTER = {
@@ -95,12 +111,15 @@ class _Fetched:
     version: str | None
     key: str  # the key under the version that computed the answer
     key_id: str
+    from_fleet: bool = False  # another proxy computed and stored it (fleet single flight)
 
 
 class Cache:
     def __init__(self) -> None:
         self.config: CacheConfig | None = None
         self.store: CacheStore | None = None
+        self.backend: Backend | None = None
+        self.flight: FleetFlight[Any] | None = None  # across processes and hosts (Redis)
         self.counters = Counters(MemoryCounterStore())
         self.versions = VersionBook(interval=5.0)
         self.client = UpstreamClient()
@@ -109,6 +128,8 @@ class Cache:
         self.rows = RowCache()
         self._batch_flights = SingleFlight[RowsOutcome](max_waiters=1000)
         self._secret = os.urandom(32)
+        self._secret_shared = False  # False: this process's own secret, until the backend's can be read
+        self._secret_tried_at = float("-inf")
         self._opened: tuple[Any, ...] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._store_error_logged_at = float("-inf")
@@ -170,16 +191,29 @@ class Cache:
         self.client.close()
 
     def _open(self, config: CacheConfig) -> None:
-        wanted = (config.directory, config.size_limit, config.partition_secret)
+        wanted = (
+            config.directory,
+            config.size_limit,
+            config.partition_secret,
+            config.backend,
+            config.memory_tier,
+            config.memory_ttl,
+        )
         if wanted == self._opened:
             return
         self._opened = wanted
         self.counters.close()
         if self.store is not None:
             self.store.close()
-            self.store = None
+            self.store = self.backend = self.flight = None
         try:
-            self.store, counter_store = open_store(config.directory, config.size_limit)
+            self.backend = open_backend(
+                config.backend,
+                config.directory,
+                config.size_limit,
+                memory_tier=config.memory_tier,
+                memory_ttl=config.memory_ttl,
+            )
         except StoreError as exc:
             logger.warning(  # not an error: the proxy serves on without the cache
                 f"cache store unavailable, requests are forwarded uncached: {exc}. "
@@ -187,16 +221,34 @@ class Cache:
             )
             self.counters = Counters(MemoryCounterStore())
         else:
-            self.counters = Counters(counter_store, flush_interval=COUNTER_FLUSH_SECONDS)
+            self.store, self.flight = self.backend.entries, self.backend.flight
+            self.counters = Counters(self.backend.counters, flush_interval=COUNTER_FLUSH_SECONDS)
+        self._secret_shared = config.partition_secret is not None
         if config.partition_secret is not None:
             self._secret = config.partition_secret
         else:
-            try:
-                self._secret = load_partition_secret(config.directory)
-            except StoreError as exc:
+            self._secret_tried_at = float("-inf")
+            self._load_shared_secret(warn=True)
+
+    def _load_shared_secret(self, *, warn: bool = False) -> None:
+        """The key secret every process on the backend shares; until it can be read (Redis down at start),
+        a secret of this process only, and another try at most every few seconds."""
+        now = time.monotonic()
+        if self.backend is None or now - self._secret_tried_at < SECRET_RETRY_SECONDS:
+            return
+        self._secret_tried_at = now
+        try:
+            self._secret = self.backend.partition_secret()
+        except StoreError as exc:
+            if warn:
                 logger.warning(
-                    f"using a secret for this process only ({exc}); other processes will not share keys"
+                    f"using a secret for this process only ({exc}); other processes will not share keys "
+                    "until the backend can be read"
                 )
+            return
+        if not warn:
+            logger.warning("read the shared key secret of the backend: entries are shared again")
+        self._secret_shared = True
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -235,6 +287,8 @@ class Cache:
         if isinstance(document, dict) and document.get("stream") is True:
             self._decide(handling, "BYPASS")
             return
+        if not self._secret_shared:
+            self._load_shared_secret()
         namespace = headers.get(NAMESPACE_HEADER, "")
         if NAMESPACE_HEADER in headers:
             del request.headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
@@ -263,6 +317,11 @@ class Cache:
         handling.key = cache_key(handling.parts, self._secret)
         handling.key_id = key_id(handling.key)
         flow.metadata["fp.key_id"] = handling.key_id
+        where = (request.scheme, request.host, request.port, request.method, request.path)
+        problem = request_problem(*where, request.headers.fields, raw)
+        if problem is not None:  # refused before it could join (and fail) an identical request in flight
+            self._answer_failure(handling, "BYPASS", problem)
+            return
 
         if directives.no_store:
             await self._fetch_and_answer(handling, "BYPASS", share=False)
@@ -351,7 +410,13 @@ class Cache:
             await self._store(handling, fetched)
 
         try:
-            if share:
+            if share and self.flight is not None:
+                fetched, role = await self._flights.run(
+                    handling.key,
+                    lambda: self._fetch_for_fleet(handling),
+                    timeout=self.config.upstream_timeout,
+                )
+            elif share:
                 fetched, role = await self._flights.run(
                     handling.key, fetch, timeout=self.config.upstream_timeout, after=store
                 )
@@ -365,7 +430,7 @@ class Cache:
             self._answer_failure(handling, "COALESCED", failure)
             return
         response = fetched.response
-        if role is Role.WAITER:
+        if role is Role.WAITER or fetched.from_fleet:
             decision = "COALESCED"
         if response.status_code >= 500 and handling.stale is not None:
             self._answer_from_entry(handling, handling.stale, "STALE", time.time())
@@ -395,8 +460,9 @@ class Cache:
                 self.config.upstream_timeout,
                 server_name=request.pretty_host,
             )
-        except UpstreamError:
-            self._count(handling, "upstream_errors")
+        except UpstreamError as exc:
+            if exc.kind != "invalid_request":  # the client's fault: the upstream was not asked
+                self._count(handling, "upstream_errors")
             raise
         self._count(handling, "upstream_seconds", response.seconds)
         if response.status_code >= 500:
@@ -410,20 +476,48 @@ class Cache:
         key = cache_key(dataclasses.replace(handling.parts, version=version), self._secret)
         return _Fetched(response, version, key, key_id(key))
 
-    async def _store(self, handling: _Handling, fetched: _Fetched) -> None:
-        """Store a fetched answer when the policy allows (run once per upstream call)."""
+    async def _fetch_for_fleet(self, handling: _Handling) -> _Fetched:
+        """The one upstream call of the fleet for `handling`'s key: this proxy makes it and stores the answer
+        (under a Redis lease), or it waits for the answer another proxy is computing and stores."""
+        assert self.config is not None and self.flight is not None
+        started = time.time()
+        store = self.store
+
+        def lookup() -> _Fetched | None:
+            entry = store.get(handling.key) if store is not None else None
+            if entry is None or entry.stored_at < started:  # an older entry is what REFRESH replaces
+                return None
+            fields = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers)
+            response = UpstreamResponse(entry.status_code, b"", fields, entry.content, 0.0)
+            return _Fetched(response, entry.model_version, handling.key, entry.key_id, from_fleet=True)
+
+        async def publish(fetched: _Fetched) -> bool:
+            return await self._store(handling, fetched) and fetched.key == handling.key
+
+        fetched, _ = await self.flight.run(
+            handling.key,
+            lambda: self._fetch(handling),
+            publish,
+            lookup,
+            wait=self.config.upstream_timeout,
+        )
+        return fetched
+
+    async def _store(self, handling: _Handling, fetched: _Fetched) -> bool:
+        """Store a fetched answer when the policy allows (run once per upstream call); whether it was."""
         config = self.config
         assert config is not None
         response = fetched.response
         header = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
+        keyed = (*KEY_HEADERS, *PARTITION_HEADERS, *config.vary_headers, *config.partition_headers)
         reason = unstorable_reason(
-            response.status_code, header, len(response.content), config.statuses, config.max_entry_size
+            response.status_code, header, len(response.content), config.statuses, config.max_entry_size, keyed
         )
         if reason is not None:
             logger.debug(f"not stored ({reason}): {handling.rule.label} {handling.key_id}")
-            return
+            return False
         if self.store is None:
-            return  # already counted as a store error by the lookup
+            return False  # already counted as a store error by the lookup
         request = handling.flow.request
         headers = tuple(
             (name.decode("latin-1"), value.decode("latin-1"))
@@ -453,10 +547,11 @@ class Cache:
             evicted = self.store.set(fetched.key, entry, expire)
         except StoreError as exc:
             self._store_failed(handling, str(exc))
-            return
+            return False
         self._count(handling, "stores")
         if evicted:
             self.counters.count("evictions", origin="", route="", model=None, amount=evicted)
+        return True
 
     def _answer_from_entry(self, handling: _Handling, entry: Entry, decision: str, now: float) -> None:
         fields = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers]
@@ -470,6 +565,11 @@ class Cache:
         self._count(handling, "upstream_seconds_saved", entry.upstream_seconds)
 
     def _answer_failure(self, handling: _Handling, decision: str, failure: UpstreamError) -> None:
+        if failure.kind == "invalid_request":
+            message = f"The proxy cannot forward this request: {failure.message}. Fix the request's headers."
+            handling.flow.response = self._error(handling, decision, 400, "invalid_request", message)
+            self._decide(handling, decision)
+            return
         if handling.stale is not None:
             logger.info(f"serving a stale entry for {handling.origin}: {failure.message}")
             self._answer_from_entry(handling, handling.stale, "STALE", time.time())
@@ -514,7 +614,11 @@ class Cache:
             batch = split_inference(document, self.config.ignore_fields)
             request = handling.flow.request
             if batch is not None and await self.rows.model_batches(
-                self.client, handling.parts, request.headers.fields, request.pretty_host
+                self.client,
+                handling.parts,
+                request.headers.fields,
+                request.pretty_host,
+                upstream_timeout=self.config.upstream_timeout,
             ):
                 return batch
         return None
@@ -553,9 +657,55 @@ class Cache:
             await self._after_rows(handling, outcome)
             return outcome
 
+        async def compute_in_fleet() -> RowsOutcome:
+            """With Redis: a batch with rows not yet cached is computed once for the whole fleet; another
+            proxy that asks meanwhile waits until the answer is stored (its rows, or the whole answer of an
+            upstream that does not answer in rows), then answers from the store."""
+            fleet, parts, store = self.flight, handling.parts, self.store
+            assert parts is not None
+            if (
+                fleet is None
+                or store is None
+                or handling.store_failed
+                or handling.directives.only_if_cached
+                or await asyncio.to_thread(self._rows_stored, batch, parts, time.time() - config.ttl)
+            ):
+                return await compute()
+            started = time.time()
+
+            def stored() -> bool | Entry | None:
+                """True when the rows are stored, the whole answer when that is, else None (blocking)."""
+                if self._rows_stored(batch, parts, started):
+                    return True
+                entry = store.get(handling.key)
+                return entry if entry is not None and entry.stored_at >= started else None
+
+            async def publish(outcome: RowsOutcome) -> bool:
+                try:
+                    return await asyncio.to_thread(stored) is not None
+                except StoreError:
+                    return False
+
+            value, turn = await fleet.run(
+                handling.key, compute, publish, stored, wait=config.upstream_timeout
+            )
+            if turn is not Turn.FOLLOWER:
+                return value  # type: ignore[no-any-return]
+            if isinstance(value, Entry):
+                return RowsOutcome(
+                    decision="COALESCED",
+                    status=value.status_code,
+                    headers=[
+                        (name.encode("latin-1"), data.encode("latin-1")) for name, data in value.headers
+                    ],
+                    content=value.content,
+                    rows=len(batch.rows),
+                )
+            return await compute()  # every row is in the store now
+
         try:
             outcome, role = await self._batch_flights.run(
-                handling.key, compute, timeout=config.upstream_timeout * 2
+                handling.key, compute_in_fleet, timeout=config.upstream_timeout * 2
             )
         except TimeoutError:
             failure = UpstreamError("timeout", f"no answer within {config.upstream_timeout * 2:g}s")
@@ -607,6 +757,20 @@ class Cache:
             now = time.time()
             if self.versions.state(handling.origin, now) is Knowledge.DUE:
                 self._check_version_in_background(request.scheme, request.host, request.port, handling.origin)
+
+    def _rows_stored(self, batch: Batch, parts: KeyParts, since: float) -> bool:
+        """Whether every row of `batch` is in the store, stored at `since` or later (a blocking read)."""
+        store = self.store
+        if store is None:
+            return False
+        try:
+            for row in batch.rows:
+                entry = store.get(RowCache.row_key(parts, row.key, parts.version, self._secret))
+                if entry is None or entry.stored_at < since:
+                    return False
+        except StoreError:
+            return False
+        return True
 
     async def _after_rows(self, handling: _Handling, outcome: RowsOutcome) -> None:
         """Count the events of one row-by-row answer, learn the version, store an answer that had no rows."""

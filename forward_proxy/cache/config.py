@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from forward_proxy.cache.rules import DEFAULT_RULES, Rules
 from forward_proxy.cache.units import format_duration, format_size, parse_duration, parse_size
+from forward_proxy.store.backend import check_backend
+from forward_proxy.store.redis import parse_redis_url
 
 
 def default_cache_dir() -> Path:
@@ -42,6 +44,28 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "",
         "Directory of the response cache and its counters (created if missing). Empty: "
         "$FORWARD_PROXY_CACHE_DIR, else $XDG_CACHE_HOME/forward-proxy, else ~/.cache/forward-proxy.",
+    ),
+    OptionSpec(
+        "cache_backend",
+        str,
+        "",
+        "Where entries, counters and the key secret live. Empty: diskcache in cache_dir (one host). A Redis "
+        "URL (redis://[user:pass@]host:port/db, rediss://..., redis+cluster://host:port, "
+        "redis+sentinel://host:port/service/db) shares one cache among every proxy that names it; its size "
+        "is bounded by Redis's maxmemory with an LRU policy, not cache_size (see docs/deployment.md).",
+    ),
+    OptionSpec(
+        "cache_memory_tier",
+        str,
+        "0",
+        "Size of an in-process memory tier in front of the backend, e.g. 64MiB: recent hits are served "
+        "from memory for cache_memory_ttl, never after a purge or a version change. 0 turns it off.",
+    ),
+    OptionSpec(
+        "cache_memory_ttl",
+        str,
+        "2s",
+        "How long the memory tier keeps its copy of an entry before reading the backend again.",
     ),
     OptionSpec(
         "cache_size",
@@ -172,6 +196,9 @@ class CacheConfig:
     version_header: str
     upstream_timeout: float
     per_item_cache: bool = True
+    backend: str = ""  # "" (diskcache in `directory`) or a Redis URL
+    memory_tier: int = 0  # bytes; 0: no memory tier
+    memory_ttl: float = 2.0
 
     @classmethod
     def from_options(cls, options: OptionValues) -> CacheConfig:
@@ -194,6 +221,11 @@ class CacheConfig:
         if options.cache_max_waiters < 0:
             raise ValueError("cache_max_waiters: must be 0 or more")
         path = options.version_check_path
+        backend = options.cache_backend.strip()
+        checked("cache_backend", lambda spec: check_backend(spec))
+        memory_ttl = checked("cache_memory_ttl", parse_duration)
+        if memory_ttl <= 0:
+            raise ValueError("cache_memory_ttl: must be more than 0, e.g. 2s")
         if not path.startswith("/"):
             raise ValueError(f"version_check_path: {path!r} must be a path starting with /")
         return cls(
@@ -214,11 +246,21 @@ class CacheConfig:
             version_header=options.version_header,
             upstream_timeout=timeout,
             per_item_cache=bool(options.per_item_cache),
+            backend=backend,
+            memory_tier=checked("cache_memory_tier", parse_size),
+            memory_ttl=memory_ttl,
         )
 
     def describe(self) -> str:
         """`/path, 1.0 GiB, ttl 1h`, for the launcher's start-up line."""
-        return f"{self.directory}, {format_size(self.size_limit)}, ttl {format_duration(self.ttl)}"
+        where = (
+            parse_redis_url(self.backend).display
+            if self.backend
+            else f"{self.directory}, {format_size(self.size_limit)}"
+        )
+        if self.memory_tier:
+            where += f", memory tier {format_size(self.memory_tier)} for {format_duration(self.memory_ttl)}"
+        return f"{where}, ttl {format_duration(self.ttl)}"
 
 
 def _statuses(values: Sequence[str]) -> frozenset[int]:

@@ -1,9 +1,9 @@
 """The admin listener addon: serves `/stats`, `/metrics` and the dashboard from inside the proxy.
 
 Options: `admin_port` (0, the default, turns the listener off) and `admin_host` (127.0.0.1). The
-server itself (`server.py`) runs in its own threads, so it never blocks the proxy; it reads the cache
-directory's shared counters, so it shows the sum of every proxy process on that directory (this
-process's own last counts reach it within the counters' flush interval).
+server itself (`server.py`) runs in its own threads, so it never blocks the proxy; it reads the backend's
+shared counters (the cache directory's, or Redis's), so it shows the sum of every proxy process on that
+backend (this process's own last counts reach it within the counters' flush interval).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from mitmproxy import ctx, exceptions
 from forward_proxy.cache.config import CacheConfig
 from forward_proxy.stats.report import read_report
 from forward_proxy.stats.server import AdminServer
+from forward_proxy.store.backend import open_backend
 from forward_proxy.store.base import CacheStore, CounterStore, StoreError
-from forward_proxy.store.disk import open_store
 
 log = logging.getLogger(__name__)
 
-_RESTART_ON = frozenset({"admin_port", "admin_host", "cache_dir"})
+_RESTART_ON = frozenset({"admin_port", "admin_host", "cache_dir", "cache_backend"})
 
 
 class AdminListener:
@@ -70,8 +70,9 @@ class AdminListener:
         if not port:
             return
         try:
-            directory = CacheConfig.from_options(ctx.options).directory
-            self._stores = open_store(directory)
+            config = CacheConfig.from_options(ctx.options)
+            backend = open_backend(config.backend, config.directory, None)  # the shared counters
+            self._stores = backend.entries, backend.counters
             cache, counters = self._stores
             self.server = AdminServer(lambda: read_report(cache, counters), host, port).start()
         except (OSError, StoreError, ValueError) as exc:

@@ -24,8 +24,8 @@ from forward_proxy.cache.config import default_cache_dir
 from forward_proxy.cache.units import format_size, parse_duration
 from forward_proxy.stats import entries
 from forward_proxy.stats.report import read_report, render_table
+from forward_proxy.store.backend import open_backend
 from forward_proxy.store.base import CacheStore, CounterStore, StoreError
-from forward_proxy.store.disk import open_store
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -45,6 +45,12 @@ def register(subcommands: Any) -> None:
         type=Path,
         metavar="DIR",
         help="the proxy's cache directory (default: $FORWARD_PROXY_CACHE_DIR, else ~/.cache/forward-proxy)",
+    )
+    where.add_argument(
+        "--cache-backend",
+        default="",
+        metavar="URL",
+        help="the proxies' Redis URL (their --cache-backend), instead of a cache directory",
     )
 
     stats: argparse.ArgumentParser = subcommands.add_parser(
@@ -238,12 +244,16 @@ def _directory(args: argparse.Namespace) -> Path:
 @contextlib.contextmanager
 def _opened(args: argparse.Namespace) -> Iterator[tuple[CacheStore, CounterStore]]:
     directory = _directory(args)
-    if not directory.is_dir():
+    if not args.cache_backend and not directory.is_dir():
         raise CommandError(
             f"there is no cache at {directory} yet (the proxy creates it on its first run); "
             "give the proxy's --cache-dir."
         )
-    cache, counters = open_store(directory, None)
+    try:
+        backend = open_backend(args.cache_backend, directory, None)
+    except ValueError as exc:
+        raise CommandError(f"--cache-backend: {exc}", 2) from None
+    cache, counters = backend.entries, backend.counters
     try:
         yield cache, counters
     finally:

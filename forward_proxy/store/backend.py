@@ -43,7 +43,7 @@ def check_backend(spec: str) -> None:
     if spec and not is_redis_url(spec):
         raise ValueError(
             f"{spec!r} is not a backend: leave it empty for the cache directory, or give a Redis URL such "
-            "as redis://127.0.0.1:6379/0 (see docs/redis.md)"
+            "as redis://127.0.0.1:6379/0 (see docs/deployment.md)"
         )
     if spec:
         parse_redis_url(spec)
@@ -173,10 +173,10 @@ class PurgeNotifying:
     def volume(self) -> Volume:
         return self.store.volume()
 
-    def flush(self) -> None:
+    def flush(self) -> int:
         flush = getattr(self.store, "flush", None)
-        if flush is not None:
-            flush()
+        evicted = flush() if flush is not None else 0
+        return evicted if isinstance(evicted, int) else 0
 
     def close(self) -> None:
         with contextlib.suppress(StoreError):

@@ -18,6 +18,7 @@ across threads and processes, and `incr_many` adds several counters in one trans
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import threading
@@ -50,8 +51,20 @@ def _open_cache(directory: Path, **settings: Any) -> diskcache.Cache:
     )
 
 
+def checksum(entry: Entry) -> str:
+    """A digest of what a client gets from `entry`, kept beside it (diskcache's tag column).
+
+    SQLite notices a damaged page structure, but not damaged bytes inside a row or a value file: without
+    this, a disk that flips bytes of a stored answer would have the proxy serve the altered answer.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((entry.status_code, entry.headers, entry.model_version, entry.key_id)).encode())
+    digest.update(entry.content)
+    return digest.hexdigest()
+
+
 _SELECT_LIVE = (
-    "SELECT mode, filename, value FROM Cache"
+    "SELECT mode, filename, value, tag FROM Cache"
     " WHERE key = ? AND raw = ? AND (expire_time IS NULL OR expire_time > ?)"
 )
 _TOUCH = "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = ?"
@@ -84,24 +97,30 @@ class DiskStore:
             rows = cache._sql(_SELECT_LIVE, (db_key, raw, time.time())).fetchall()
             if not rows:
                 return None
-            mode, filename, value = rows[0]
+            mode, filename, value, tag = rows[0]
             try:
-                return cache._disk.fetch(mode, filename, value, False)
+                return cache._disk.fetch(mode, filename, value, False), tag
             except OSError:
                 return None  # removed (evicted, purged) between the SELECT and reading its file
 
-        value = _guarded("cache read failed", read)
-        if value is None:
+        found = _guarded("cache read failed", read)
+        if found is None:
             return None
+        value, tag = found
         if not isinstance(value, Entry):
             raise StoreError(f"cache read failed: {key!r} holds a {type(value).__name__}, not an entry")
+        if tag is not None and tag != checksum(value):  # entries of older versions have no checksum
+            raise StoreError(f"cache read failed: entry {value.key_id} is damaged (its checksum differs)")
         with self._touched_lock:
             self._touched[key] = time.time()
         return value
 
     def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
         """Store `entry`; evicting to the size limit is left to `flush()`, so this returns 0."""
-        _guarded("cache write failed", lambda: self._cache.set(key, entry, expire=expire_seconds))
+        _guarded(
+            "cache write failed",
+            lambda: self._cache.set(key, entry, expire=expire_seconds, tag=checksum(entry)),
+        )
         return 0
 
     def flush(self) -> int:

@@ -340,7 +340,7 @@ def warn_about_memory_settings(client: Any, display: str) -> None:
     except _FAILURES as exc:
         logger.info(
             f"cannot read maxmemory of Redis at {display} ({_describe(exc)}); make sure it has maxmemory "
-            "and maxmemory-policy volatile-lru (see docs/redis.md)"
+            "and maxmemory-policy volatile-lru (see docs/deployment.md)"
         )
         return
     # A cluster client may answer per node: {node: {name: value}}.
@@ -356,7 +356,7 @@ def warn_about_memory_settings(client: Any, display: str) -> None:
             logger.warning(
                 f"Redis at {display} has no maxmemory: entries leave only when they expire and Redis grows "
                 "until the host runs out of memory. Set maxmemory (e.g. 2gb) and maxmemory-policy "
-                "volatile-lru (see docs/redis.md)."
+                "volatile-lru (see docs/deployment.md)."
             )
             return
         if policy not in EVICTING_POLICIES:
@@ -367,7 +367,7 @@ def warn_about_memory_settings(client: Any, display: str) -> None:
                     if policy == "noeviction"
                     else "it evicts entries that are not the least used"
                 )
-                + ". Set maxmemory-policy volatile-lru (see docs/redis.md)."
+                + ". Set maxmemory-policy volatile-lru (see docs/deployment.md)."
             )
             return
 
@@ -563,8 +563,9 @@ class RedisStore:
         self._volume = (now, volume)
         return volume
 
-    def flush(self) -> None:
-        """Nothing to write: Redis keeps the access times that its eviction follows."""
+    def flush(self) -> int:
+        """Nothing to write or evict here: Redis keeps the access times and evicts by itself."""
+        return 0
 
     def close(self) -> None:
         self.connection.close()

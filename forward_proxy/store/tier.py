@@ -2,7 +2,7 @@
 
 The disk or Redis store stays the shared truth; the tier only saves the round trip (a Redis GET over the
 network, an SQLite read and unpickling) for the answers asked most often. See `MemoryTier` for what it
-guarantees, and docs/redis.md for the `memory_tier` options.
+guarantees, and docs/configuration.md for the `cache_memory_tier` options.
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ class MemoryTier:
     def volume(self) -> Volume:
         return self.backend.volume()
 
-    def flush(self) -> None:
-        """The backend's optional bookkeeping write (diskcache's access times), as the cache addon calls it."""
+    def flush(self) -> int:
+        """The backend's optional bookkeeping (diskcache's access times and eviction), as the cache addon
+        calls it; how many entries it evicted."""
         flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            flush()
+        evicted = flush() if flush is not None else 0
+        return evicted if isinstance(evicted, int) else 0
 
     def memory_volume(self) -> Volume:
         """What the tier itself holds."""

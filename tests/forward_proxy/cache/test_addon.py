@@ -1,4 +1,5 @@
-"""The cache addon driven through mitmproxy's taddons with a fake upstream client (no sockets)."""
+"""The cache addon driven through mitmproxy's taddons with a fake upstream client (no upstream sockets),
+once on diskcache and once on a real Redis (`conftest.py`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from mitmproxy.test import taddons, tflow
 from forward_proxy.cache.addon import Cache
 from forward_proxy.cache.upstream import UpstreamError, UpstreamResponse
 from forward_proxy.store.base import Entry, StoreError
+from tests.forward_proxy.cache.conftest import CacheBackend
+
+pytestmark = pytest.mark.usefixtures("cache_backend")
 
 ORIGIN = "http://127.0.0.1:8000"
 EMBEDDINGS = f"{ORIGIN}/v1/embeddings"
@@ -72,15 +76,18 @@ def embeddings_flow(body: object = None, headers: dict[str, str] | None = None, 
 Scenario = Callable[[Cache, FakeUpstream, taddons.context], Awaitable[None]]
 
 
-def run_scenario(tmp_path: Path, scenario: Scenario, **options: Any) -> Cache:
-    """Run `scenario` with a configured, running Cache whose upstream is a FakeUpstream."""
+def run_scenario(tmp_path: Path, backend: CacheBackend, scenario: Scenario, **options: Any) -> Cache:
+    """Run `scenario` with a configured, running Cache on `backend` whose upstream is a FakeUpstream."""
 
     async def main() -> Cache:
         cache = Cache()
         upstream = FakeUpstream()
         with taddons.context(cache) as context:
-            context.configure(cache, cache_dir=str(tmp_path / "cache"), **options)
+            context.configure(
+                cache, cache_dir=str(tmp_path / "cache"), **backend.options(tmp_path), **options
+            )
             cache.running()
+            assert cache.backend is not None and cache.backend.kind == backend.name
             cache.client = upstream  # type: ignore[assignment]
             try:
                 await scenario(cache, upstream, context)
@@ -107,7 +114,7 @@ def totals(cache: Cache) -> dict[str, float]:
     return {name: snapshot.total(name) for name in ("requests", "hits", "misses", "stores", "store_errors")}
 
 
-def test_a_repeated_request_is_a_miss_then_a_hit(tmp_path: Path) -> None:
+def test_a_repeated_request_is_a_miss_then_a_hit(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         first = await send(cache, embeddings_flow())
         await cache.settled()  # the store write runs after the answer
@@ -130,28 +137,32 @@ def test_a_repeated_request_is_a_miss_then_a_hit(tmp_path: Path) -> None:
         assert totals(cache) == {"requests": 2, "hits": 1, "misses": 1, "stores": 1, "store_errors": 0}
         assert cache.counters.snapshot().total("upstream_seconds_saved") == pytest.approx(0.125)
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_requests_no_rule_matches_are_left_alone(tmp_path: Path) -> None:
+def test_requests_no_rule_matches_are_left_alone(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         flow = await send(cache, tflow.tflow(req=http.Request.make("GET", f"{ORIGIN}/v1/models")))
         assert flow.response is None and flow.metadata == {}
         assert upstream.calls == []
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_the_first_request_to_an_origin_checks_its_version(tmp_path: Path) -> None:
+def test_the_first_request_to_an_origin_checks_its_version(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow())
         assert [target for _, target, _, _ in upstream.calls] == ["/v2/health/live", "/v1/embeddings"]
         assert cache.versions.current(ORIGIN) == "v1"
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_only_if_cached_answers_504_on_a_miss_without_asking_upstream(tmp_path: Path) -> None:
+def test_only_if_cached_answers_504_on_a_miss_without_asking_upstream(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         flow = await send(cache, embeddings_flow(headers={"cache-control": "only-if-cached"}))
         assert flow.response.status_code == 504
@@ -159,10 +170,10 @@ def test_only_if_cached_answers_504_on_a_miss_without_asking_upstream(tmp_path: 
         assert json.loads(flow.response.content)["error"]["code"] == "not_cached"
         assert upstream.calls == []
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_no_store_bypasses_reading_and_writing(tmp_path: Path) -> None:
+def test_no_store_bypasses_reading_and_writing(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow())
         await cache.settled()
@@ -177,10 +188,10 @@ def test_no_store_bypasses_reading_and_writing(tmp_path: Path) -> None:
         assert cached.response.headers["x-cache"] == "BYPASS"  # not read either
         assert upstream.count("/v1/embeddings") == 4
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_no_cache_refreshes_the_entry(tmp_path: Path) -> None:
+def test_no_cache_refreshes_the_entry(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow())
         await cache.settled()
@@ -192,7 +203,7 @@ def test_no_cache_refreshes_the_entry(tmp_path: Path) -> None:
         assert hit.response.content == refreshed.response.content
         assert upstream.count("/v1/embeddings") == 2
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
 async def age_all_entries(cache: Cache, seconds: float) -> None:
@@ -201,7 +212,7 @@ async def age_all_entries(cache: Cache, seconds: float) -> None:
         cache.store.set(key, dataclasses.replace(entry, stored_at=entry.stored_at - seconds), 3600)
 
 
-def test_max_age_rejects_older_entries(tmp_path: Path) -> None:
+def test_max_age_rejects_older_entries(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow())
         await cache.settled()
@@ -212,7 +223,7 @@ def test_max_age_rejects_older_entries(tmp_path: Path) -> None:
         assert int(young_enough.response.headers["age"]) >= 20
         assert too_old.response.headers["x-cache"] == "MISS"
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +239,7 @@ def test_max_age_rejects_older_entries(tmp_path: Path) -> None:
     ],
 )
 def test_upstream_failures_answer_json_errors_and_are_not_cached(
-    tmp_path: Path, failure: UpstreamError, status: int, code: str
+    tmp_path: Path, cache_backend: CacheBackend, failure: UpstreamError, status: int, code: str
 ) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         cache.versions.learn(ORIGIN, "v1", now=__import__("time").time())
@@ -243,10 +254,10 @@ def test_upstream_failures_answer_json_errors_and_are_not_cached(
         assert (await send(cache, embeddings_flow())).response.headers["x-cache"] == "MISS"
         assert cache.counters.snapshot().total("upstream_errors") == 1
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_5xx_answers_are_passed_on_and_not_cached(tmp_path: Path) -> None:
+def test_5xx_answers_are_passed_on_and_not_cached(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         upstream.status = 503
         first = await send(cache, embeddings_flow())
@@ -256,10 +267,12 @@ def test_5xx_answers_are_passed_on_and_not_cached(tmp_path: Path) -> None:
         assert second.response.headers["x-cache"] == "MISS"
         assert cache.store is not None and list(cache.store.iter_entries()) == []
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(tmp_path: Path) -> None:
+def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         first = await send(cache, embeddings_flow())
         await cache.settled()
@@ -272,10 +285,10 @@ def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(tmp_path
         await age_all_entries(cache, 400)  # now past the stale-if-error window too
         assert (await send(cache, embeddings_flow())).response.status_code == 502
 
-    run_scenario(tmp_path, scenario, cache_ttl="60s", stale_if_error="5m")
+    run_scenario(tmp_path, cache_backend, scenario, cache_ttl="60s", stale_if_error="5m")
 
 
-def test_an_entry_of_another_version_is_never_served(tmp_path: Path) -> None:
+def test_an_entry_of_another_version_is_never_served(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         first = await send(cache, embeddings_flow())
         await cache.settled()
@@ -291,10 +304,10 @@ def test_an_entry_of_another_version_is_never_served(tmp_path: Path) -> None:
         versions = sorted(entry.model_version or "" for _, entry in cache.store.iter_entries())
         assert versions == ["v1", "v2"]
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_an_expired_version_is_rechecked_before_a_hit(tmp_path: Path) -> None:
+def test_an_expired_version_is_rechecked_before_a_hit(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow())
         await cache.settled()
@@ -305,10 +318,10 @@ def test_an_expired_version_is_rechecked_before_a_hit(tmp_path: Path) -> None:
         assert after.response.headers["x-model-version"] == "v2"
         assert upstream.count("/v2/health/live") == 2
 
-    run_scenario(tmp_path, scenario, version_check_interval="200ms")
+    run_scenario(tmp_path, cache_backend, scenario, version_check_interval="200ms")
 
 
-def test_a_failing_store_never_fails_a_request(tmp_path: Path) -> None:
+def test_a_failing_store_never_fails_a_request(tmp_path: Path, cache_backend: CacheBackend) -> None:
     class BrokenStore:
         def get(self, key: str) -> Entry | None:
             raise StoreError("disk I/O error")
@@ -329,9 +342,10 @@ def test_a_failing_store_never_fails_a_request(tmp_path: Path) -> None:
         assert [flow.response.headers["x-cache"] for flow in flows] == ["MISS", "MISS"]
         assert totals(cache)["store_errors"] == 4  # two failed reads, two failed writes
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
+@pytest.mark.disk_only
 def test_an_unusable_cache_directory_forwards_uncached(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
 
@@ -354,7 +368,9 @@ def test_an_unusable_cache_directory_forwards_uncached(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_identical_requests_in_flight_share_one_upstream_call(tmp_path: Path) -> None:
+def test_identical_requests_in_flight_share_one_upstream_call(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         cache.versions.learn(ORIGIN, "v1", now=__import__("time").time())
         upstream.gate = asyncio.Event()
@@ -368,10 +384,10 @@ def test_identical_requests_in_flight_share_one_upstream_call(tmp_path: Path) ->
         assert decisions == ["COALESCED"] * 7 + ["MISS"]
         assert len({flow.response.content for flow in flows}) == 1
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_a_failing_shared_call_fails_every_waiter(tmp_path: Path) -> None:
+def test_a_failing_shared_call_fails_every_waiter(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         cache.versions.learn(ORIGIN, "v1", now=__import__("time").time())
         upstream.gate = asyncio.Event()
@@ -384,10 +400,10 @@ def test_a_failing_shared_call_fails_every_waiter(tmp_path: Path) -> None:
         assert [flow.response.status_code for flow in flows] == [502] * 5
         assert upstream.count("/v1/embeddings") == 1
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_credentials_and_namespaces_partition_entries(tmp_path: Path) -> None:
+def test_credentials_and_namespaces_partition_entries(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         variants = [
             {},
@@ -406,46 +422,46 @@ def test_credentials_and_namespaces_partition_entries(tmp_path: Path) -> None:
         sent = [dict((k.decode(), v.decode()) for k, v in headers) for _, _, headers, _ in upstream.calls]
         assert all("x-cache-namespace" not in headers for headers in sent)
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_ignored_fields_share_an_entry(tmp_path: Path) -> None:
+def test_ignored_fields_share_an_entry(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         await send(cache, embeddings_flow(body={"input": "hi", "request_id": "1"}))
         await cache.settled()
         flow = await send(cache, embeddings_flow(body={"request_id": "2", "input": "hi"}))
         assert flow.response.headers["x-cache"] == "HIT"
 
-    run_scenario(tmp_path, scenario, cache_ignore_fields=["request_id"])
+    run_scenario(tmp_path, cache_backend, scenario, cache_ignore_fields=["request_id"])
 
 
-def test_streaming_requests_are_bypassed_to_mitmproxy(tmp_path: Path) -> None:
+def test_streaming_requests_are_bypassed_to_mitmproxy(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         flow = await send(cache, embeddings_flow(body={"input": "hi", "stream": True}))
         assert flow.response is None and flow.metadata["fp.cache"] == "BYPASS"
         assert upstream.calls == []
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_unstorable_answers_are_not_stored(tmp_path: Path) -> None:
+def test_unstorable_answers_are_not_stored(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         upstream.headers.append((b"set-cookie", b"session=1"))
         await send(cache, embeddings_flow())
         await cache.settled()
         assert (await send(cache, embeddings_flow())).response.headers["x-cache"] == "MISS"
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
-def test_forwarded_responses_teach_the_version(tmp_path: Path) -> None:
+def test_forwarded_responses_teach_the_version(tmp_path: Path, cache_backend: CacheBackend) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         flow = tflow.tflow(req=http.Request.make("GET", f"{ORIGIN}/v1/models"), resp=True)
         flow.response.headers["x-model-version"] = "v7"
         cache.response(flow)
         assert cache.versions.current(ORIGIN) == "v7"
 
-    run_scenario(tmp_path, scenario)
+    run_scenario(tmp_path, cache_backend, scenario)
 
 
 def test_bad_options_are_refused_with_the_option_name(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The cache through a real `forward-proxy run` process, with clients using it as HTTP_PROXY, in front of
-a small upstream that counts its calls."""
+a small upstream that counts its calls; once on diskcache and once on a real Redis (`conftest.py`)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,25 @@ from typing import Any
 import pytest
 import requests
 
+from tests.forward_proxy.cache.conftest import CacheBackend
 from tests.support.processes import free_port
 from tests.support.proxy import RunningProxy, start_proxy
 from tests.support.upstream import Reply, Upstream, self_signed_certificate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cache_backend")]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    with Upstream(model_version="v1") as server:
+def upstream(cache_backend: CacheBackend) -> Iterator[Upstream]:
+    with Upstream(model_version="v1") as server:  # one per backend: call counts start at 0
         yield server
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
-    with start_proxy(tmp_path_factory.mktemp("proxy")) as running:
+def proxy(tmp_path_factory: pytest.TempPathFactory, cache_backend: CacheBackend) -> Iterator[RunningProxy]:
+    directory = tmp_path_factory.mktemp("proxy")
+    with start_proxy(directory, *cache_backend.args(directory)) as running:
+        assert ("(cache: redis://" in running.log()) == (cache_backend.name == "redis")
         yield running
 
 
@@ -181,8 +184,11 @@ def test_an_unreachable_upstream_gives_a_json_502(proxy: RunningProxy) -> None:
     assert f"127.0.0.1:{port}" in error["message"]
 
 
-def test_a_slow_upstream_gives_a_json_504(tmp_path: Path) -> None:
-    with Upstream() as slow, start_proxy(tmp_path, "--set", "upstream_timeout=500ms") as proxy:
+def test_a_slow_upstream_gives_a_json_504(tmp_path: Path, cache_backend: CacheBackend) -> None:
+    with (
+        Upstream() as slow,
+        start_proxy(tmp_path, "--set", "upstream_timeout=500ms", *cache_backend.args(tmp_path)) as proxy,
+    ):
         slow.reply("/v1/embeddings", Reply(delay=3.0))
         started = time.monotonic()
         answer = post(proxy, slow.url("/v1/embeddings"), {"input": "slow"})
@@ -192,11 +198,15 @@ def test_a_slow_upstream_gives_a_json_504(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_new_model_version_is_never_answered_with_old_entries(tmp_path: Path) -> None:
+def test_a_new_model_version_is_never_answered_with_old_entries(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     interval = 1.0
     with (
         Upstream(model_version="v1") as model,
-        start_proxy(tmp_path, "--set", f"version_check_interval={interval}") as proxy,
+        start_proxy(
+            tmp_path, "--set", f"version_check_interval={interval}", *cache_backend.args(tmp_path)
+        ) as proxy,
     ):
         url = model.url("/v1/embeddings")
         body = {"input": "versioned"}
@@ -218,10 +228,13 @@ def test_a_new_model_version_is_never_answered_with_old_entries(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_stale_if_error_serves_the_expired_entry_while_the_upstream_is_down(tmp_path: Path) -> None:
+def test_stale_if_error_serves_the_expired_entry_while_the_upstream_is_down(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
     model = Upstream().start()
+    args = ("--cache-ttl", "1s", "--set", "stale_if_error=5m", *cache_backend.args(tmp_path))
     try:
-        with start_proxy(tmp_path, "--cache-ttl", "1s", "--set", "stale_if_error=5m") as proxy:
+        with start_proxy(tmp_path, *args) as proxy:
             url = model.url("/v1/embeddings")
             fresh = post(proxy, url, {"input": "stale"})
             model.stop()
@@ -237,6 +250,7 @@ def test_stale_if_error_serves_the_expired_entry_while_the_upstream_is_down(tmp_
         model.stop()
 
 
+@pytest.mark.disk_only
 def test_an_unusable_cache_directory_keeps_requests_working(tmp_path: Path, upstream: Upstream) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("the cache directory cannot be created below a file")
@@ -250,6 +264,7 @@ def test_an_unusable_cache_directory_keeps_requests_working(tmp_path: Path, upst
         assert "cache store unavailable, requests are forwarded uncached" in proxy.log()
 
 
+@pytest.mark.disk_only
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories anyway")
 def test_a_read_only_cache_directory_keeps_requests_working(tmp_path: Path, upstream: Upstream) -> None:
     cache_dir = tmp_path / "read-only"
@@ -266,6 +281,7 @@ def test_a_read_only_cache_directory_keeps_requests_working(tmp_path: Path, upst
         cache_dir.chmod(0o755)
 
 
+@pytest.mark.disk_only
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 def test_a_full_disk_keeps_requests_working(tmp_path: Path, upstream: Upstream) -> None:
     upstream.reply("/v2/models/large/infer", Reply(body=b'{"outputs": "' + b"x" * 400_000 + b'"}'))
@@ -279,6 +295,7 @@ def test_a_full_disk_keeps_requests_working(tmp_path: Path, upstream: Upstream) 
         assert "cache store failed, forwarding uncached" in proxy.log()
 
 
+@pytest.mark.disk_only
 def test_a_cache_database_broken_while_running_keeps_requests_working(
     tmp_path: Path, upstream: Upstream
 ) -> None:
@@ -309,7 +326,7 @@ def test_connect_tunnels_pass_through_without_interception(tmp_path: Path, proxy
 
 
 @pytest.mark.slow
-def test_intercepted_hosts_are_cached_over_https(tmp_path: Path) -> None:
+def test_intercepted_hosts_are_cached_over_https(tmp_path: Path, cache_backend: CacheBackend) -> None:
     certificate = self_signed_certificate(tmp_path, ["localhost", "127.0.0.1"])
     confdir = tmp_path / "mitmproxy-conf"
     with (
@@ -322,6 +339,7 @@ def test_intercepted_hosts_are_cached_over_https(tmp_path: Path) -> None:
             f"confdir={confdir}",
             "--set",
             "ssl_insecure=true",  # the test upstream's certificate is self-signed
+            *cache_backend.args(tmp_path),
         ) as proxy,
     ):
         url = f"https://localhost:{tls_upstream.port}/v1/embeddings"
