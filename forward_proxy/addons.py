@@ -14,12 +14,14 @@ from __future__ import annotations
 from forward_proxy.cache.addon import Cache
 from forward_proxy.cache.https import HttpsInterception
 from forward_proxy.policy.addon import ClientAccess, EgressGuard
+from forward_proxy.policy.connections import ConnectionLimit
 from forward_proxy.privacy.addon import Privacy
 from forward_proxy.stats.accesslog import AccessLog
 from forward_proxy.stats.admin import AdminListener
 
 addons: list[object] = [
     ClientAccess(),  # who may connect (allow_clients); proxy auth failures as JSON
+    ConnectionLimit(),  # how many may be connected at once (max_client_connections)
     EgressGuard(),  # where the proxy may connect (egress_*); pins each flow to the checked address
     Privacy(),  # masks identity headers, adds the pseudonym, keeps addresses out of the logs
     HttpsInterception(),

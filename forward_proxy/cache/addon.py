@@ -54,6 +54,7 @@ from forward_proxy.cache.policy import (
     age_header,
     request_directives,
     response_lifetime,
+    unparsable_json,
     unstorable_reason,
     usability,
 )
@@ -513,6 +514,8 @@ class Cache:
         reason = unstorable_reason(
             response.status_code, header, len(response.content), config.statuses, config.max_entry_size, keyed
         )
+        if reason is None and unparsable_json(header, response.content):
+            reason = "a JSON answer whose body does not parse"
         if reason is not None:
             logger.debug(f"not stored ({reason}): {handling.rule.label} {handling.key_id}")
             return False

@@ -2,7 +2,9 @@
 
 JSON bodies are parsed and written back with sorted keys and no insignificant whitespace; fields the
 user chose to ignore (dotted paths such as `request_id` or `metadata.trace`) are left out. Compressed
-bodies (gzip, deflate, br) are decoded first. Anything else is keyed by its bytes.
+bodies (gzip, deflate, br) are decoded first. Anything else is keyed by its bytes, and so is JSON
+that parsers may read differently (an object repeating a name) or that cannot be written back (lone
+surrogates, nesting past Python's recursion limit).
 
 >>> canonical_body(b'{ "input": "hi",  "model": "m" }', "application/json", None, ()).data
 b'json:{"input":"hi","model":"m"}'
@@ -64,6 +66,15 @@ def is_json_type(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a name repeats: parsers disagree on which value counts (Python's the
+    last, others the first), so `{"input": "a", "input": "b"}` must not share the entry of either."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a JSON object repeats a name")
+    return document
+
+
 def canonical_json(document: Any) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -95,11 +106,12 @@ def canonical_body(
         return CanonicalBody(b"undecodable:" + (content_encoding or "").encode() + b":" + raw, None)
     if data and is_json_type(content_type):
         try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            pass
+            document = json.loads(data, object_pairs_hook=_object_without_duplicates)
+            canonical = canonical_json(drop_fields(document, ignore_fields))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            pass  # not JSON, ambiguous, or nested past Python's recursion limit: keyed by its bytes
         else:
-            return CanonicalBody(b"json:" + canonical_json(drop_fields(document, ignore_fields)), document)
+            return CanonicalBody(b"json:" + canonical, document)
     return CanonicalBody(b"bytes:" + data, None)
 
 
@@ -107,4 +119,7 @@ def canonical_query(query: str) -> str:
     """The query with its parameters sorted (order-independent), consistently percent-encoded."""
     if not query:
         return ""
-    return urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+    # surrogateescape: percent-escapes that are not UTF-8 (%ff, %fe) stay distinct instead of all
+    # turning into U+FFFD, which would let different requests share an entry.
+    pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
+    return urlencode(sorted(pairs), errors="surrogateescape")

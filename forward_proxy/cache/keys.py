@@ -76,7 +76,7 @@ def cache_key(parts: KeyParts, secret: bytes) -> str:
         parts.scheme.lower().encode(),
         parts.host.lower().encode(),
         str(parts.port).encode(),
-        parts.path.encode(),
+        parts.path.encode("utf-8", "surrogateescape"),  # mitmproxy keeps non-UTF-8 path bytes as surrogates
         parts.query.encode(),
         parts.body,
         *(f"{name}:{value}".encode() for name, value in parts.headers),

@@ -7,7 +7,11 @@ a request, row by row:
    row's key material): rows found fresh are taken from the store;
 2. the rows still missing are claimed in the row flight (`rowflight.py`): rows another batch is computing
    right now are waited for, the others go upstream in ONE request, in the client's order, each distinct
-   row once. When nothing was found and nothing repeats, that request is the client's own, byte for byte;
+   row once (rows another batch stored while this one looked are looked up once more instead). When
+   nothing was found and nothing repeats, that request is the client's own, byte for byte.
+   (OpenAI texts are the exception when the upstream does not send each input's token count in
+   `X-Input-Tokens`: the proxy cannot count tokens, so it asks each such text in a request of its own,
+   concurrently, to learn its count; a dynamically batching server still runs them in one forward pass.)
 3. the answer is split into row answers, each stored under its own key, and the client gets the answer
    put together in its order, as the model would have given it (`X-Cache: HIT | MISS | PARTIAL`,
    `X-Cache-Rows: <rows from the cache>/<rows>`).
@@ -19,6 +23,9 @@ request's credential partition, namespace and model version like whole entries; 
 version than the rows taken from the store makes the proxy ask the whole request again, so no answer
 ever mixes two deployments. When the upstream fails and every missing row has an entry within the
 stale-if-error window, those stand in (STALE).
+
+Identical batches in flight at once share one answer (the addon's single flight: COALESCED). A batch
+whose rows all came from other batches' calls is COALESCED too.
 
 Whenever the proxy cannot put the answer together exactly — the upstream refuses the smaller request
 (4xx: its error would name the wrong positions), answers in an unexpected shape, or row answers disagree
@@ -45,7 +52,7 @@ from forward_proxy.cache.policy import (
     usability,
 )
 from forward_proxy.cache.rowflight import Claim, RowFlight
-from forward_proxy.cache.rows import INPUT_TOKENS_HEADER, AnswerMismatch, Batch, RowAnswer
+from forward_proxy.cache.rows import INPUT_TOKENS_HEADER, AnswerMismatch, Batch, FreshRows, RowAnswer
 from forward_proxy.cache.singleflight import SingleFlight
 from forward_proxy.cache.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from forward_proxy.store.base import CacheStore, Entry, StoreError
@@ -69,6 +76,7 @@ _NOT_KEPT = frozenset(
 # Request headers the proxy sets itself for the upstream: it sends plain JSON and wants plain JSON back.
 _NOT_SENT = frozenset({b"content-length", b"content-encoding", b"accept-encoding"})
 _METADATA_NOT_SENT = _NOT_SENT | {b"content-type", b"accept"}
+_TOKENS = INPUT_TOKENS_HEADER.lower().encode()
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,8 @@ class RowCache:
         self.flight: RowFlight[str, Computed] = RowFlight(max_waiters)
         self._batching: dict[tuple[str, str, str | None], bool] = {}
         self._metadata_flights = SingleFlight[bool](max_waiters=1_000_000)
-        self._reports_tokens: set[str] = set()  # origins whose answers carry X-Input-Tokens
+        # Per origin: whether its embedding answers carry X-Input-Tokens (absent: not seen an answer yet).
+        self._reports_tokens: dict[str, bool] = {}
 
     # --- KServe metadata ---------------------------------------------------------------------------
 
@@ -156,13 +165,16 @@ class RowCache:
         parts: KeyParts,
         headers: Sequence[tuple[bytes, bytes]],
         server_name: str | None,
+        upstream_timeout: float = METADATA_TIMEOUT,
     ) -> bool:
         """Whether the model of a KServe v2 infer request batches along its first dimension.
 
         Asks `GET /v2/models/{name}[/versions/{v}]` (with the request's credentials) once per origin, model
         and deployment version; a question left unanswered is asked again by the next request, and the
-        request at hand is handled whole.
+        request at hand is handled whole. The question waits at most `METADATA_TIMEOUT`, and never longer
+        than the upstream timeout: a client of a hung upstream waits for it before its own call.
         """
+        timeout = min(METADATA_TIMEOUT, upstream_timeout)
         metadata_path = parts.path.removesuffix("/infer")
         origin = f"{parts.scheme}://{parts.host}:{parts.port}"
         memo = (origin, metadata_path, parts.version)
@@ -181,7 +193,7 @@ class RowCache:
                     metadata_path,
                     [*fields, (b"accept", b"application/json")],
                     b"",
-                    METADATA_TIMEOUT,
+                    timeout,
                     server_name=server_name,
                 )
             except UpstreamError as exc:
@@ -198,7 +210,7 @@ class RowCache:
             self._batching[memo] = batches
             return batches
 
-        batches, _ = await self._metadata_flights.run(memo, ask, timeout=METADATA_TIMEOUT * 2)
+        batches, _ = await self._metadata_flights.run(memo, ask, timeout=timeout * 2)
         return batches
 
     # --- answering ---------------------------------------------------------------------------------
@@ -250,8 +262,10 @@ class _Work:
 
     async def run(self) -> RowsOutcome:
         request, outcome = self.request, self.outcome
+        flight = self.cache.flight
+        publications = flight.publications
         if not request.directives.no_cache:
-            await self._lookup()
+            await self._lookup(self.keys)
         missing = list(dict.fromkeys(key for key in self.keys if key not in self.found))
         if not missing:
             return self._assemble("HIT", {})
@@ -259,23 +273,36 @@ class _Work:
             outcome.not_cached = True
             outcome.from_cache = sum(1 for key in self.keys if key in self.found)
             return outcome
-        flight = self.cache.flight
         claim = flight.claim(missing)
         try:
+            if flight.publications != publications and claim.led and not request.directives.no_cache:
+                await self._lookup_again(claim)
             self.shared = await flight.wait(claim, self.settings.upstream_timeout)
-            to_compute = [key for key in missing if key not in self.shared]
+            to_compute = [key for key in missing if key not in self.shared and key not in self.found]
             if not to_compute:
+                if all(key in self.found for key in self.keys):
+                    return self._assemble("HIT", {})
                 return self._assemble("PARTIAL" if self.found else "COALESCED", {})
             return await self._compute(to_compute, claim)
         finally:
             flight.abandon(claim)  # no-op once the answers were published
 
-    async def _lookup(self) -> None:
+    async def _lookup_again(self, claim: Claim[str, Computed]) -> None:
+        """Rows another batch stored while this one looked them up: from the store, also for followers."""
+        await self._lookup(claim.led)
+        found = {
+            key: Computed(stored.answer, _fields(stored.entry.headers))
+            for key in claim.led
+            if (stored := self.found.get(key)) is not None
+        }
+        self.cache.flight.publish_some(claim, found)
+
+    async def _lookup(self, keys: Sequence[str]) -> None:
         """The rows in the store: fresh ones (served now) and stale ones (only if the upstream fails)."""
         store, outcome = self.store, self.outcome
         if store is None:
             return  # unavailable: the addon counted that already
-        distinct = list(dict.fromkeys(self.keys))
+        distinct = list(dict.fromkeys(keys))
         try:
             entries = await asyncio.to_thread(lambda: [store.get(key) for key in distinct])
         except StoreError as exc:
@@ -301,19 +328,25 @@ class _Work:
                 self.stale[key] = _Stored(answer, entry)
 
     async def _compute(self, to_compute: list[str], claim: Claim[str, Computed]) -> RowsOutcome:
-        """Send the rows nobody has upstream in one request; store, share and merge their answers."""
+        """Send the rows nobody has upstream (each distinct one once); store, share and merge the answers."""
         batch, request, outcome, settings = self.batch, self.request, self.outcome, self.settings
         wanted = set(to_compute)
-        positions = [position for position, key in enumerate(self.keys) if key in wanted]
-        sent = batch.first_positions(positions) if self._may_dedupe(positions) else positions
-        whole = sent == list(range(len(self.keys)))
+        sent = batch.first_positions(position for position, key in enumerate(self.keys) if key in wanted)
+        one_by_one = self._one_by_one(sent)
+        whole = not one_by_one and sent == list(range(len(self.keys)))
         try:
-            response = await self._send(request.raw_body if whole else batch.request_body(sent), raw=whole)
+            if one_by_one:
+                requests = (self._send(batch.request_body([position]), raw=False) for position in sent)
+                responses = list(await asyncio.gather(*requests))
+            else:
+                body = request.raw_body if whole else batch.request_body(sent)
+                responses = [await self._send(body, raw=whole)]
         except UpstreamError as exc:
             outcome.upstream_errors += 1
             return self._failed(to_compute, exc)
         outcome.upstream += len(sent)
-        outcome.upstream_seconds += response.seconds
+        outcome.upstream_seconds += max(response.seconds for response in responses)
+        response = next((answer for answer in responses if answer.status_code != 200), responses[0])
         version = _version(response, settings.version_header, request.parts.version)
         outcome.version = version
         if response.status_code >= 500:
@@ -324,13 +357,20 @@ class _Work:
             if whole or response.status_code >= 500:  # a server error names no input positions
                 return self._passed_on(response, whole=whole)
             return await self._ask_whole(f"the upstream answered {response.status_code} to the missing rows")
-        if version != request.parts.version and not whole:
+        versions = {_version(answer, settings.version_header, request.parts.version) for answer in responses}
+        if len(versions) > 1 or (version != request.parts.version and not whole):
             return await self._ask_whole("the model version changed")  # rows of two deployments never mix
-        tokens = response.header(INPUT_TOKENS_HEADER.lower().encode())
-        if tokens is not None:
-            self.cache._reports_tokens.add(request.origin)
+        if batch.protocol == "openai-embeddings":
+            self.cache._reports_tokens[request.origin] = response.header(_TOKENS) is not None
         try:
-            fresh = batch.fresh_answers(sent, response.content, tokens.decode("latin-1") if tokens else None)
+            if one_by_one:
+                answers = [
+                    batch.fresh_answers([position], answer.content, _text(answer.header(_TOKENS))).answers[0]
+                    for position, answer in zip(sent, responses, strict=True)
+                ]
+                fresh = FreshRows(answers, 0)
+            else:
+                fresh = batch.fresh_answers(sent, response.content, _text(response.header(_TOKENS)))
         except AnswerMismatch as exc:
             if whole:
                 logger.info(f"{request.route}: answer not split into rows ({exc}); cached whole")
@@ -341,10 +381,11 @@ class _Work:
         computed: dict[str, Computed] = {}
         by_position: dict[int, Computed] = {}
         for position, answer in zip(sent, fresh.answers, strict=True):
-            row = by_position[position] = Computed(answer, headers)  # repeats sent again keep their own
-            computed.setdefault(self.keys[position], row)
-        if self._storable(response, len(response.content) // len(sent)):
-            await self._store_rows(response, sent, fresh.answers, version)
+            computed[self.keys[position]] = by_position[position] = Computed(answer, headers)
+        size = sum(len(answer.content) for answer in responses) // len(sent)
+        if self._storable(response, size):
+            seconds = sum(answer.seconds for answer in responses) / len(sent)  # each row's share
+            await self._store_rows(response, sent, fresh.answers, version, seconds)
         if version == request.parts.version:
             self.cache.flight.publish(
                 claim, {key: row for key, row in computed.items() if row.answer.storable}
@@ -358,6 +399,20 @@ class _Work:
         return self._assemble(
             "PARTIAL" if self.found else decision, by_position, computed, fresh.unattributed_tokens
         )
+
+    def _one_by_one(self, sent: list[int]) -> bool:
+        """Whether to ask text rows one request each.
+
+        An OpenAI answer reports one usage for the whole request, and the proxy cannot count tokens, so
+        it learns each text's count from a request of that text alone, unless the upstream sends every
+        input's count (X-Input-Tokens, as the model API does). Until an origin has answered once, it is
+        assumed to send them.
+        """
+        if self.batch.protocol != "openai-embeddings" or self.cache._reports_tokens.get(
+            self.request.origin, True
+        ):
+            return False
+        return sum(1 for position in sent if self.batch.rows[position].tokens is None) > 1
 
     def _assemble(
         self,
@@ -394,9 +449,7 @@ class _Work:
             oldest = min((stored.entry for stored in used), key=lambda entry: entry.stored_at)
             outcome.age = age_header(oldest, time.time())
             if template is None:
-                template = tuple(
-                    (name.encode("latin-1"), value.encode("latin-1")) for name, value in oldest.headers
-                )
+                template = _fields(oldest.headers)
         outcome.decision = decision
         outcome.from_cache = len(used)
         outcome.seconds_saved = sum(stored.entry.upstream_seconds for stored in used)
@@ -404,15 +457,6 @@ class _Work:
         outcome.status = 200
         outcome.headers = _kept(template or ()) + _tokens_header(rows, None)
         return outcome
-
-    def _may_dedupe(self, positions: list[int]) -> bool:
-        """Repeated rows are computed once, unless that would leave their token counts unknown."""
-        rows = self.batch.rows
-        return (
-            self.batch.protocol != "openai-embeddings"
-            or self.request.origin in self.cache._reports_tokens
-            or all(rows[position].tokens is not None for position in positions)
-        )
 
     async def _send(self, body: bytes, *, raw: bool) -> UpstreamResponse:
         """One upstream call: the client's own body (`raw`), or a smaller one in plain JSON."""
@@ -482,7 +526,12 @@ class _Work:
         return reason is None
 
     async def _store_rows(
-        self, response: UpstreamResponse, sent: list[int], answers: list[RowAnswer], version: str | None
+        self,
+        response: UpstreamResponse,
+        sent: list[int],
+        answers: list[RowAnswer],
+        version: str | None,
+        seconds: float,
     ) -> None:
         """Write every new row that can be stored under its own key (the version that computed it)."""
         store, request, outcome = self.store, self.request, self.outcome
@@ -494,7 +543,6 @@ class _Work:
             if name.lower() not in _NOT_KEPT
         )
         header_size = sum(len(name) + len(value) + 4 for name, value in headers)
-        seconds = response.seconds / len(sent)  # each row's share of the call
         now = time.time()
         writes: dict[str, Entry] = {}
         for position, answer in zip(sent, answers, strict=True):
@@ -533,6 +581,15 @@ class _Work:
             outcome.store_errors.append(str(exc))
             return
         outcome.stores += len(writes)
+
+
+def _fields(headers: Sequence[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
+    """A stored entry's headers as header fields."""
+    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def _version(response: UpstreamResponse, header: str, default: str | None) -> str | None:

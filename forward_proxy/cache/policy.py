@@ -8,8 +8,8 @@ Requests steer the cache with standard Cache-Control directives:
     only-if-cached  answer from the cache or with 504, never contact the upstream
 
 A response is stored only when its status is one of the configured ones, it carries no
-`Cache-Control: no-store | private | no-cache`, sets no cookie, is not streamed (text/event-stream)
-and fits the entry size limit. Its lifetime is the TTL, shortened by a response `s-maxage` or `max-age`.
+`Cache-Control: no-store | private | no-cache`, sets no cookie, varies on no request header outside
+the key (`Vary`), is not streamed (text/event-stream) and fits the entry size limit. Its lifetime is the TTL, shortened by a response `s-maxage` or `max-age`.
 
 >>> request_directives("max-age=30, no-transform", None)
 RequestDirectives(no_cache=False, no_store=False, max_age=30.0, only_if_cached=False)
@@ -18,9 +18,11 @@ RequestDirectives(no_cache=False, no_store=False, max_age=30.0, only_if_cached=F
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from forward_proxy.cache.keys import KEY_HEADERS, PARTITION_HEADERS
 from forward_proxy.store.base import Entry
 
 
@@ -67,14 +69,43 @@ def request_directives(cache_control: str | None, pragma: str | None) -> Request
     )
 
 
+def unparsable_json(header: dict[str, str], content: bytes) -> bool:
+    """Whether an answer says it is JSON but its body does not parse: cut short or garbled by a failing
+    upstream, behind framing that looks right. Such an answer is passed on but never stored, or it would
+    be served for the whole TTL after the upstream recovered. `header` maps lower-case names; encoded
+    (compressed) bodies are not looked into.
+
+    >>> unparsable_json({"content-type": "application/json"}, b'{"data": [1, 2')
+    True
+    >>> unparsable_json({"content-type": "application/json; charset=utf-8"}, b'{"data": [1, 2]}')
+    False
+    >>> unparsable_json({"content-type": "text/plain"}, b'{"data"')
+    False
+    """
+    media = header.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        return False
+    if header.get("content-encoding", "identity").strip().lower() != "identity":
+        return False
+    try:
+        json.loads(content)
+    except ValueError:  # UnicodeDecodeError included
+        return True
+    return False
+
+
 def unstorable_reason(
     status_code: int,
     header: dict[str, str],
     content_length: int,
     statuses: Collection[int],
     max_entry_size: int,
+    keyed_headers: Collection[str] = (*KEY_HEADERS, *PARTITION_HEADERS),
 ) -> str | None:
-    """Why a response must not be stored, or None when it may be. `header` maps lower-case names."""
+    """Why a response must not be stored, or None when it may be. `header` maps lower-case names.
+
+    `keyed_headers` (lower-case) are the request headers the cache key covers: an answer that varies on
+    any other request header (`Vary: Accept-Language`) would be served to requests it does not fit."""
     if status_code not in statuses:
         return f"status {status_code}"
     directives = parse_cache_control(header.get("cache-control"))
@@ -85,6 +116,10 @@ def unstorable_reason(
         return "sets a cookie"
     if header.get("vary", "").strip() == "*":
         return "Vary: *"
+    varying = (name.strip().lower() for name in header.get("vary", "").split(","))
+    unkeyed = [name for name in varying if name and name not in keyed_headers]
+    if unkeyed:
+        return f"Vary: {', '.join(unkeyed)} (not in the key; see cache_vary_headers)"
     if header.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream":
         return "streamed (text/event-stream)"
     if content_length > max_entry_size:

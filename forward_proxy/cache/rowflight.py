@@ -11,6 +11,11 @@ for the rows it could not answer, or calls `abandon`: their followers learn at o
 unavailable and compute it themselves, as they do when `wait` runs out of time. So every wait is bounded
 by the leader's own upstream call or the caller's timeout, and a row is never lost, only computed twice.
 
+A batch looks rows up in the store before it claims them, and a leader stores its rows before it
+publishes them; so a batch whose lookup overlapped a publication (`publications` changed) may lead rows
+that are in the store by now. It looks those up once more and hands what it finds to its own followers
+at once (`publish_some`) instead of computing them again.
+
 Claims only follow rows claimed before them and never wait while claiming, so waits cannot form a
 cycle. All methods run on one event loop; `claim`, `publish` and `abandon` never await, which makes each
 of them atomic with respect to the other batches. The rows in flight are this process's own: proxies
@@ -60,6 +65,7 @@ class RowFlight(Generic[K, V]):
     def __init__(self, max_waiters: int = 1000) -> None:
         self.max_waiters = max_waiters
         self._flights: dict[K, _Flight[K, V]] = {}
+        self.publications = 0  # how many times answers were published: a change means rows were stored
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -104,7 +110,20 @@ class RowFlight(Generic[K, V]):
         if claim.settled:
             return
         claim.settled = True
-        for key in claim.led:
+        self._settle(claim, claim.led, answers)
+
+    def publish_some(self, claim: Claim[K, V], answers: Mapping[K, V]) -> None:
+        """Hand the answers of some led rows to their followers now; the claim leads the others still."""
+        if claim.settled or not answers:
+            return
+        self._settle(claim, [key for key in claim.led if key in answers], answers)
+        claim.led = tuple(key for key in claim.led if key not in answers)
+        claim.settled = not claim.led
+
+    def _settle(self, claim: Claim[K, V], keys: Iterable[K], answers: Mapping[K, V]) -> None:
+        if answers:
+            self.publications += 1
+        for key in keys:
             flight = self._flights.get(key)
             if flight is None or flight.leader is not claim:
                 continue

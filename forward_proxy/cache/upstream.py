@@ -4,14 +4,16 @@ The cache fetches answers itself (rather than letting mitmproxy forward the requ
 share one upstream call among identical requests, bound the wait with a timeout, fall back to a stale
 entry when the upstream fails, and answer failures in the proxy's JSON error shape. Parsing is h11's.
 
-Failures raise `UpstreamError` with a `kind`: "unreachable" (connect failed), "timeout" or "protocol"
-(the upstream closed the connection or sent something that is not HTTP).
+Failures raise `UpstreamError` with a `kind`: "unreachable" (connect failed), "timeout", "protocol"
+(the upstream closed the connection or sent something that is not HTTP) or "invalid_request" (the
+client's request cannot be sent as HTTP/1.1: a NUL in a header, two Host headers; nothing was sent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from typing import Literal
 
 import h11
 
-Kind = Literal["unreachable", "timeout", "protocol"]
+Kind = Literal["unreachable", "timeout", "protocol", "invalid_request"]
 
 # Connection-level headers that a proxy must not pass on (RFC 9110 7.6.1), plus the body framing the
 # client library sets anew.
@@ -60,6 +62,44 @@ class UpstreamResponse:
         return next((value for key, value in self.headers if key == name), None)
 
 
+def outgoing_fields(
+    scheme: str, host: str, port: int, method: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The header fields sent upstream: the client's without hop-by-hop ones, plus Host and Content-Length."""
+    fields = [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP]
+    if not any(name.lower() == b"host" for name, _ in fields):
+        default = 443 if scheme == "https" else 80
+        fields.insert(0, (b"host", (host if port == default else f"{host}:{port}").encode()))
+    if body or method in ("POST", "PUT", "PATCH"):
+        fields.append((b"content-length", str(len(body)).encode()))
+    return fields
+
+
+def request_problem(
+    scheme: str,
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+) -> UpstreamError | None:
+    """Why this request cannot be sent as HTTP/1.1 (an "invalid_request" error), or None when it can.
+
+    Checked before a request joins an upstream call in flight, so that one client's malformed headers
+    never fail the identical requests of others waiting for the same answer."""
+    try:
+        fields = outgoing_fields(scheme, host, port, method, headers, body)
+        h11.Request(method=method.encode(), target=target.encode(), headers=fields)
+    except UnicodeEncodeError:
+        return UpstreamError(
+            "invalid_request", "the request target has bytes that are not ASCII (percent-encode them)"
+        )
+    except h11.LocalProtocolError as exc:
+        return UpstreamError("invalid_request", f"the request is not valid HTTP/1.1 ({exc})")
+    return None
+
+
 class _Stale(Exception):
     """A pooled connection the server had closed before we used it: safe to retry on a fresh one."""
 
@@ -77,7 +117,10 @@ class _Connection:
         reused = not self.fresh
         self.fresh = False
         state = self.state
-        data = state.send(h11.Request(method=method, target=target, headers=headers))
+        try:
+            data = state.send(h11.Request(method=method, target=target, headers=headers))
+        except h11.LocalProtocolError as exc:  # the client's request, not the upstream, is at fault
+            raise UpstreamError("invalid_request", f"the request is not valid HTTP/1.1 ({exc})") from None
         if body:
             data += state.send(h11.Data(data=body))  # type: ignore[operator]
         data += state.send(h11.EndOfMessage())  # type: ignore[operator]
@@ -102,10 +145,19 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 raise UpstreamError("protocol", "the upstream closed the connection before answering")
         assert response is not None
-        reusable = state.our_state is h11.DONE and state.their_state is h11.DONE
+        # Bytes after the answer's announced end answer no request: reusing the connection would take them
+        # for the next request's answer (and cache them under its key).
+        done = state.our_state is h11.DONE and state.their_state is h11.DONE
+        reusable = done and not state.trailing_data[0]
         if reusable:
             state.start_next_cycle()
         return response, b"".join(chunks), reusable
+
+    def idle_and_open(self) -> bool:
+        """Whether this pooled connection may carry the next request: open, and nothing received since its
+        last answer (what a server sends unasked would be read as the next request's answer)."""
+        unread = getattr(self.reader, "_buffer", b"")  # asyncio.StreamReader has no public peek
+        return not self.reader.at_eof() and not self.writer.is_closing() and not unread
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -135,12 +187,7 @@ class UpstreamClient:
 
         `server_name` is the TLS name to send and verify when `host` is an address the name resolved to."""
         origin = (scheme, host, port, server_name or host)
-        fields = [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP]
-        if not any(name.lower() == b"host" for name, _ in fields):
-            default = 443 if scheme == "https" else 80
-            fields.insert(0, (b"host", (host if port == default else f"{host}:{port}").encode()))
-        if body or method in ("POST", "PUT", "PATCH"):
-            fields.append((b"content-length", str(len(body)).encode()))
+        fields = outgoing_fields(scheme, host, port, method, headers, body)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -181,7 +228,7 @@ class UpstreamClient:
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if not connection.reader.at_eof() and not connection.writer.is_closing():
+            if connection.idle_and_open():
                 return connection
             connection.close()
         scheme, host, port, server_name = origin
@@ -195,9 +242,9 @@ class UpstreamClient:
                 limit=2**20,
             )
         except OSError as exc:
-            raise UpstreamError(
-                "unreachable", f"cannot connect to {host}:{port} ({exc.strerror or exc})"
-            ) from None
+            # asyncio's strerror is "Connect call failed (address)": name the cause ("Connection refused")
+            cause = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UpstreamError("unreachable", f"cannot connect to {host}:{port} ({cause})") from None
         return _Connection(reader, writer)
 
     def _release(self, origin: tuple[str, str, int, str], connection: _Connection) -> None:

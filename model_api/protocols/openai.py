@@ -13,7 +13,7 @@ import base64
 from typing import Annotated, Any, Literal, cast
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from model_api.errors import ApiError
@@ -23,6 +23,7 @@ from model_api.requestlog import annotate
 from model_api.settings import Settings
 
 TokenIds = list[StrictInt]
+INPUT_TOKENS_HEADER = "X-Input-Tokens"
 INPUT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
@@ -171,7 +172,9 @@ def openai_router(registry: Registry, settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
     @router.post("/embeddings", response_model=EmbeddingResponse)
-    async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    async def create_embeddings(
+        body: EmbeddingRequest, request: Request, response: Response
+    ) -> EmbeddingResponse:
         served, model = embedding_model(registry, body.model)
         annotate(request, model=served.name)
         rows = _rows(body, model, settings)
@@ -186,6 +189,8 @@ def openai_router(registry: Registry, settings: Settings) -> APIRouter:
         annotate(request, rows=len(rows))
         results: list[EmbeddingRow] = await served.infer(rows)
         tokens = sum(result.tokens for result in results)
+        # Each input's own count (usage has only the sum), so that a cache can answer batches row by row.
+        response.headers[INPUT_TOKENS_HEADER] = ",".join(str(result.tokens) for result in results)
         return EmbeddingResponse(
             data=[
                 Embedding(

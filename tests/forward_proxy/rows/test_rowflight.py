@@ -110,3 +110,18 @@ async def test_publishing_twice_or_after_abandon_changes_nothing() -> None:
 def test_claims_need_a_running_loop() -> None:
     with pytest.raises(RuntimeError):
         RowFlight[str, bytes]().claim(["a"])
+
+
+@in_loop
+async def test_publish_some_answers_part_of_a_claim_early() -> None:
+    flight: RowFlight[str, bytes] = RowFlight()
+    leader = flight.claim(["a", "b"])
+    follower = flight.claim(["a", "b"])
+    before = flight.publications
+    flight.publish_some(leader, {"a": b"A"})
+    assert flight.publications == before + 1
+    assert leader.led == ("b",) and not leader.settled
+    assert follower.followed["a"].result() == b"A" and not follower.followed["b"].done()
+    flight.publish(leader, {"b": b"B"})
+    assert await flight.wait(follower, timeout=5) == {"a": b"A", "b": b"B"}
+    assert len(flight) == 0

@@ -1,0 +1,228 @@
+"""Fuzzing the request canonicaliser and the key builder (hypothesis): whatever a client sends, they
+never raise, and requests that mean different things never get the same key.
+
+`tests/forward_proxy/cache/test_keys.py` shows that equivalent requests share a key; this file attacks
+the other direction and the edges: arbitrary bytes, encodings, JSON nested past the recursion limit,
+lone surrogates, non-UTF-8 percent-escapes, and every key field against every other."""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from forward_proxy.cache.canonical import canonical_body, canonical_query
+from forward_proxy.cache.keys import KEY_HEADERS, KeyParts, cache_key, key_headers, key_id, partition
+from forward_proxy.cache.upstream import UpstreamError, request_problem
+
+pytestmark = pytest.mark.reliability
+
+SECRET = b"f" * 32
+PREFIXES = (b"json:", b"bytes:", b"undecodable:")
+CONTENT_TYPES = st.one_of(
+    st.none(),
+    st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "x+json", ""]),
+    st.text(max_size=30),
+)
+ENCODINGS = st.one_of(
+    st.none(),
+    st.sampled_from(["gzip", "deflate", "br", "identity", "gzip, br", "x-gzip", "compress", ", ,"]),
+    st.text(max_size=20),
+)
+# Text as a client can put it in JSON: any code point, lone surrogates included (via \\u escapes).
+any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | any_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=25,
+)
+ignore_paths = st.lists(st.text(string.ascii_lowercase + ".", min_size=1, max_size=8), max_size=3)
+
+
+def meaning(raw: bytes) -> tuple[str, Any]:
+    """What a JSON body says, independent of spacing and member order but not of repeated names (which
+    parsers read differently); the bytes when it is not JSON."""
+
+    def members(pairs: list[tuple[str, Any]]) -> tuple[str, list[tuple[str, Any]]]:
+        return "object", sorted(pairs, key=repr)
+
+    try:
+        return "json", repr(json.loads(raw, object_pairs_hook=members))
+    except (ValueError, RecursionError):
+        return "bytes", raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), CONTENT_TYPES, ENCODINGS, ignore_paths)
+@example(b'{"a": "\\ud800"}', "application/json", None, [])  # regression: crashed writing UTF-8
+@example(b"[" * 100_000 + b"]" * 100_000, None, None, [])  # regression: RecursionError
+@example(b"\x1f\x8b\x08\x00garbage", "application/json", "gzip", [])
+def test_the_canonicaliser_never_raises_and_is_deterministic(
+    raw: bytes, content_type: str | None, encoding: str | None, ignore: list[str]
+) -> None:
+    first = canonical_body(raw, content_type, encoding, ignore)
+    assert first.data.startswith(PREFIXES)
+    assert canonical_body(raw, content_type, encoding, ignore) == first
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, st.sampled_from([None, 0, 2]), st.booleans())
+def test_any_json_document_is_keyed_by_what_it_says(
+    document: Any, indent: int | None, ascii_only: bool
+) -> None:
+    raw = json.dumps(document, indent=indent, ensure_ascii=ascii_only, separators=None).encode(
+        "utf-8", "surrogatepass"
+    )
+    body = canonical_body(raw, "application/json", None, ())
+    if body.data.startswith(b"json:"):
+        assert json.loads(body.data[5:]) == document
+    else:  # a lone surrogate cannot be written back as UTF-8: the body's own bytes are the key
+        assert body.data == b"bytes:" + raw and body.document is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 20_000), st.sampled_from(["[", '{"a":']))
+def test_json_nested_past_the_recursion_limit_never_raises(depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    raw = (opener * depth + "1" + closer * depth).encode()
+    body = canonical_body(raw, "application/json", None, ("a.a",))
+    assert body.data.startswith((b"json:", b"bytes:"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40), st.binary(max_size=40), CONTENT_TYPES)
+@example(b'{"input": "\xff"}', b'{"input": "\xfe"}', "application/json")
+@example(b'{"input": "\xff"}', '{"input": "\ufffd"}'.encode(), "application/json")
+@example(b'{"a": 1}', b'{"a": 1.0}', "application/json")
+@example(b'{"a": 1}', b'{"a": true}', "application/json")
+@example(b"json:{}", b"{}", "application/json")
+@example(b'{"input": "a", "input": "b"}', b'{"input": "b"}', "application/json")  # first-wins parsers
+def test_bodies_that_mean_different_things_never_share_a_key(
+    one: bytes, other: bytes, content_type: str | None
+) -> None:
+    first = canonical_body(one, content_type, None, ()).data
+    second = canonical_body(other, content_type, None, ()).data
+    if first == second:
+        assert meaning(one) == meaning(other), (one, other)
+
+
+# --- every key field against every other ------------------------------------------------------------
+
+tokens = st.text(string.ascii_letters + string.digits + "-.", min_size=1, max_size=10)
+latin1 = st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"), max_size=12)
+key_parts = st.builds(
+    KeyParts,
+    method=st.sampled_from(["POST", "GET", "PUT"]),
+    scheme=st.sampled_from(["http", "https"]),
+    host=st.text(string.ascii_lowercase + string.digits + ".-", min_size=1, max_size=12),
+    port=st.integers(1, 65535),
+    # mitmproxy keeps non-UTF-8 path bytes as the surrogates U+DC80-U+DCFF (surrogateescape)
+    path=st.text(
+        st.characters(codec="utf-8") | st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF),
+        max_size=16,
+    ),
+    query=st.text(max_size=12),
+    body=st.binary(max_size=24),
+    headers=st.tuples(*(st.tuples(st.just(name), latin1) for name in (*KEY_HEADERS, "x-lang"))),
+    partition=st.one_of(st.just(""), st.text(string.hexdigits, min_size=1, max_size=8)),
+    namespace=latin1,
+    version=st.one_of(st.none(), latin1),
+)
+
+
+def normalised(parts: KeyParts) -> tuple[Any, ...]:
+    """The fields as the key sees them: method, scheme and host are case-insensitive."""
+    fields = dict(vars(parts))
+    fields.update(method=parts.method.upper(), scheme=parts.scheme.lower(), host=parts.host.lower())
+    return tuple(fields.values())
+
+
+@settings(max_examples=500, deadline=None)
+@given(key_parts, key_parts)
+def test_distinct_key_parts_give_distinct_keys(one: KeyParts, other: KeyParts) -> None:
+    if normalised(one) != normalised(other):
+        assert cache_key(one, SECRET) != cache_key(other, SECRET)
+    else:
+        assert cache_key(one, SECRET) == cache_key(other, SECRET)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key_parts, st.sampled_from(list(KeyParts.__dataclass_fields__)), st.data())
+def test_changing_any_one_field_changes_the_key(parts: KeyParts, field: str, data: st.DataObject) -> None:
+    changed = data.draw(key_parts)
+    mixed = KeyParts(**{**vars(parts), field: getattr(changed, field)})
+    if normalised(mixed) != normalised(parts):
+        assert cache_key(mixed, SECRET) != cache_key(parts, SECRET)
+    assert len(key_id(cache_key(mixed, SECRET))) == 16
+
+
+def query_of(pairs: list[tuple[bytes, bytes]]) -> str:
+    return "&".join(f"{quote_from_bytes(name)}={quote_from_bytes(value)}" for name, value in pairs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=4)), max_size=4),
+    st.lists(st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=4)), max_size=4),
+    st.randoms(),
+)
+@example([(b"a", b"\xff")], [(b"a", b"\xfe")], None)  # regression: both became a=%EF%BF%BD
+def test_queries_with_other_bytes_never_share_a_key(
+    one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]], random: Any
+) -> None:
+    shuffled = list(one)
+    if random is not None:
+        random.shuffle(shuffled)
+    assert canonical_query(query_of(one)) == canonical_query(query_of(shuffled))
+    same = sorted(one) == sorted(other)
+    assert (canonical_query(query_of(one)) == canonical_query(query_of(other))) == same
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_query_text_is_canonicalised_without_raising(query: str) -> None:
+    canonical = canonical_query(query)
+    assert canonical == canonical_query(canonical)  # idempotent
+    canonical.encode("ascii")  # safe to key and to send
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["authorization", "x-api-key", "x-tenant"]), latin1, max_size=3),
+    st.dictionaries(st.sampled_from(["authorization", "x-api-key", "x-tenant"]), latin1, max_size=3),
+    st.sampled_from(["X-Tenant", "x-tenant", "X-TENANT"]),
+)
+def test_different_credentials_never_share_a_partition(
+    one: dict[str, str], other: dict[str, str], spelling: str
+) -> None:
+    first = partition(one.get, (spelling,), SECRET)
+    second = partition(other.get, ("x-tenant",), SECRET)
+    assert (first == second) == (one == other)
+    assert (first == "") == (not one)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=6), st.lists(tokens, max_size=3))
+def test_key_headers_never_raise(headers: dict[str, str], extra: list[str]) -> None:
+    chosen = key_headers(headers.get, extra)
+    assert [name for name, _ in chosen][:3] == list(KEY_HEADERS)
+
+
+header_bytes = st.binary(max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(header_bytes, header_bytes), max_size=5),
+    st.text(st.characters(codec=None), max_size=20),
+    st.binary(max_size=8),
+)
+def test_the_request_check_never_raises(headers: list[tuple[bytes, bytes]], target: str, body: bytes) -> None:
+    """Whatever the client's headers and target, the cache either sends them or refuses with a reason."""
+    problem = request_problem("http", "127.0.0.1", 8000, "POST", "/" + target, headers, body)
+    assert problem is None or (isinstance(problem, UpstreamError) and problem.kind == "invalid_request")
