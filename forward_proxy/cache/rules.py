@@ -110,6 +110,11 @@ class Rules:
 
 
 def model_from_path(path: str) -> str | None:
-    """The `{name}` of `/v2/models/{name}/...` (KServe v2), else None."""
+    """The `{name}` of `/v2/models/{name}/...` (KServe v2), else None.
+
+    Bytes that are not UTF-8 (kept by mitmproxy as surrogates) become U+FFFD: the name is a label of
+    counters, metrics and logs, which must be able to write it."""
     match = _MODEL_IN_PATH.match(path)
-    return match.group("name") if match else None
+    if match is None:
+        return None
+    return match.group("name").encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -8,6 +8,7 @@ lone surrogates, non-UTF-8 percent-escapes, and every key field against every ot
 from __future__ import annotations
 
 import json
+import logging
 import string
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -226,3 +227,109 @@ def test_the_request_check_never_raises(headers: list[tuple[bytes, bytes]], targ
     """Whatever the client's headers and target, the cache either sends them or refuses with a reason."""
     problem = request_problem("http", "127.0.0.1", 8000, "POST", "/" + target, headers, body)
     assert problem is None or (isinstance(problem, UpstreamError) and problem.kind == "invalid_request")
+
+
+# --- the whole request path of the cache addon --------------------------------------------------------
+
+TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+header_names = st.one_of(
+    st.sampled_from(["content-type", "content-encoding", "authorization", "x-cache-namespace", "accept"]),
+    st.sampled_from(["cache-control", "pragma", "host", "x-api-key", "transfer-encoding", "expect"]),
+    st.text(TOKEN, min_size=1, max_size=8),
+)
+# What mitmproxy's parser lets through in a value: anything but CR and LF.
+header_values = st.binary(max_size=16).map(lambda value: value.replace(b"\r", b"").replace(b"\n", b""))
+path_segments = st.binary(min_size=1, max_size=8).filter(lambda segment: not set(segment) & set(b"/?# \r\n"))
+
+
+class EchoUpstream:
+    """Stands in for the cache's upstream client: no sockets, a versioned JSON answer naming the target."""
+
+    verify_tls = True
+
+    async def request(
+        self, scheme: str, host: str, port: int, method: str, target: str, *_: Any, **__: Any
+    ) -> Any:
+        from forward_proxy.cache.upstream import UpstreamResponse
+
+        fields = ((b"content-type", b"application/json"), (b"x-model-version", b"v1"))
+        return UpstreamResponse(200, b"OK", fields, json.dumps({"target": target}).encode(), 0.001)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_cache_addon_answers_any_request_without_raising(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Arbitrary paths (non-UTF-8 bytes included), queries, headers and bodies through `Cache.request`
+    with a real store and a fake upstream: the hook never raises, every request a rule matches gets an
+    answer with an X-Cache decision, and the counters still add up and can still be written.
+
+    Regression: a non-UTF-8 byte in a KServe model name became a counter label the store could not
+    encode, and from then on no count of the process reached the shared counters (/stats)."""
+
+    from mitmproxy import http
+    from mitmproxy.test import taddons, tflow
+
+    from forward_proxy.cache.addon import Cache
+
+    cache = Cache()
+    with taddons.context(cache) as context:
+        loop = context.master.event_loop
+        context.configure(cache, cache_dir=str(tmp_path_factory.mktemp("fuzz-cache")))
+
+        async def start() -> None:
+            cache.running()
+
+        loop.run_until_complete(start())
+        cache.client = EchoUpstream()  # type: ignore[assignment]
+
+        @settings(max_examples=250, deadline=None)
+        @given(
+            path_segments,
+            st.binary(max_size=12),
+            st.lists(st.tuples(header_names, header_values), max_size=6),
+            st.binary(max_size=40) | json_values.map(lambda document: json.dumps(document).encode()),
+        )
+        @example(b"\xff", b"", [], b'{"input": "\\ud800"}')
+        @example(b"x", b"a=%ff", [("x-bad", b"a\x00b")], b"[" * 3000 + b"]" * 3000)
+        def check(segment: bytes, query: bytes, headers: list[tuple[str, bytes]], body: bytes) -> None:
+            target = b"/v2/models/" + segment + b"/infer" + (b"?" + query if query else b"")
+            fields = [(name.encode(), value) for name, value in headers]
+            request = http.Request(
+                "127.0.0.1",
+                8000,
+                b"POST",
+                b"http",
+                b"",
+                target,
+                b"HTTP/1.1",
+                http.Headers(fields),
+                body,
+                None,
+                0,
+                0,
+            )
+            flow = tflow.tflow(req=request)
+            loop.run_until_complete(cache.request(flow))
+            loop.run_until_complete(cache.settled())
+            if "fp.route" in flow.metadata:
+                assert flow.response is not None or flow.metadata.get("fp.cache") == "BYPASS"
+                assert flow.metadata.get("fp.cache") in (
+                    "HIT",
+                    "MISS",
+                    "BYPASS",
+                    "REFRESH",
+                    "COALESCED",
+                    "STALE",
+                )
+
+        try:
+            check()
+        finally:
+            cache.done()
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    snapshot = cache.counters.snapshot()
+    decisions = ("hits", "misses", "bypasses", "refreshes", "coalesced", "stale")
+    assert snapshot.total("requests") == sum(snapshot.total(name) for name in decisions) > 0
