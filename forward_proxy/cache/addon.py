@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ from forward_proxy.cache.policy import (
     RequestDirectives,
     Usability,
     age_header,
+    opaque_server_error,
     request_directives,
     response_lifetime,
     unparsable_json,
@@ -439,6 +441,10 @@ class Cache:
         handling.key, handling.key_id = fetched.key, fetched.key_id
         flow.metadata["fp.key_id"] = fetched.key_id
         flow.metadata["fp.upstream_seconds"] = response.seconds
+        if self._answer_opaque_server_error(
+            handling, decision, response.status_code, response.headers, response.content
+        ):
+            return
         fields = [(name, value) for name, value in response.headers]
         fields += _cache_headers(decision, fetched.key_id, None)
         fields.append((b"content-length", str(len(response.content)).encode()))
@@ -591,6 +597,27 @@ class Cache:
         handling.flow.response = self._error(handling, decision, status, code, message, cause=failure.message)
         self._decide(handling, decision)
 
+    def _answer_opaque_server_error(
+        self,
+        handling: _Handling,
+        decision: str,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        content: bytes,
+    ) -> bool:
+        """Answer an upstream 5xx without a JSON body as a 502 in the proxy's error shape; whether it did."""
+        header = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
+        if not opaque_server_error(status, header, content):
+            return False
+        media = header.get("content-type") or "no Content-Type"
+        cause = f"it answered {status} with {media}, not a JSON error"
+        message = f"The upstream {handling.origin} failed: {cause}. Check the upstream's logs; retry later."
+        handling.flow.response = self._error(
+            handling, decision, 502, "upstream_error", message, cause=cause, upstream_status=status
+        )
+        self._decide(handling, decision)
+        return True
+
     def _error(
         self, handling: _Handling, decision: str, status: int, code: str, message: str, **extra: Any
     ) -> http.Response:
@@ -736,6 +763,10 @@ class Cache:
             return
         if outcome.failure is not None:
             self._answer_failure(handling, decision, outcome.failure)
+            return
+        if self._answer_opaque_server_error(
+            handling, decision, outcome.status, outcome.headers, outcome.content
+        ):
             return
         fields = list(outcome.headers)
         fields += _cache_headers(decision, handling.key_id, outcome.age if from_cache else None)

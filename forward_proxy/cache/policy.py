@@ -69,6 +69,28 @@ def request_directives(cache_control: str | None, pragma: str | None) -> Request
     )
 
 
+def opaque_server_error(status: int, header: dict[str, str], content: bytes) -> bool:
+    """Whether an upstream's 5xx answer says nothing a client can read: no JSON body (an HTML page of a
+    load balancer, an empty body, a garbled one). The proxy answers such a failure itself, as a 502 in its
+    JSON error shape; a 5xx with a JSON body (the model API's own errors, `Retry-After` and all) is passed
+    on as sent. `header` maps lower-case names.
+
+    >>> opaque_server_error(503, {"content-type": "text/html"}, b"<h1>503</h1>")
+    True
+    >>> opaque_server_error(500, {"content-type": "application/json"}, b'{"error": {"code": "x"}}')
+    False
+    >>> opaque_server_error(500, {"content-type": "application/json"}, b'{"error": ')
+    True
+    >>> opaque_server_error(404, {"content-type": "text/html"}, b"<h1>404</h1>")
+    False
+    """
+    if status < 500:
+        return False
+    media = header.get("content-type", "").split(";", 1)[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    return not is_json or (bool(content) and unparsable_json(header, content)) or not content
+
+
 def unparsable_json(header: dict[str, str], content: bytes) -> bool:
     """Whether an answer says it is JSON but its body does not parse: cut short or garbled by a failing
     upstream, behind framing that looks right. Such an answer is passed on but never stored, or it would

@@ -87,6 +87,9 @@ def assert_refused(answer: RawResponse, status: int = 400) -> None:
         assert answer.status == status, (answer.status, answer.body[:300])
         closing = answer.closed or (answer.header("Connection") or "").lower() == "close"
         assert closing, "the proxy kept a connection whose framing it could not trust"
+        assert answer.header("Content-Type") == "application/json", answer.headers
+        error = answer.json()["error"]  # the one error shape, also for mitmproxy's own refusals
+        assert error["code"] and error["message"], error
 
 
 # --- malformed request lines and headers ------------------------------------------------------------

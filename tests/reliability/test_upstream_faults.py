@@ -109,7 +109,7 @@ def test_a_failing_upstream_gives_a_prompt_json_error_and_nothing_is_cached(
 
 
 @pytest.mark.parametrize("kind", ["whole", "rows"])
-def test_a_5xx_answer_is_passed_on_as_sent_and_not_cached(
+def test_a_5xx_page_that_is_not_json_becomes_a_json_502_and_is_not_cached(
     proxy: RunningProxy, faulty: FaultyUpstream, kind: str
 ) -> None:
     path, body = route(kind, Fault.HTTP_503_HTML)
@@ -117,9 +117,11 @@ def test_a_5xx_answer_is_passed_on_as_sent_and_not_cached(
     for _ in range(2):
         calls = faulty.calls(path)
         answer = post(proxy, faulty.url(path), body)
-        assert answer.status_code == 503
-        assert answer.headers["Content-Type"] == "text/html" and b"503 Service Unavailable" in answer.content
-        assert answer.headers["X-Cache"] == "MISS"
+        assert_proxy_error(answer, 502, "upstream_error", faulty.origin)
+        assert (
+            answer.json()["error"]["upstream_status"] == 503
+            and "text/html" in answer.json()["error"]["cause"]
+        )
         assert faulty.calls(path) > calls
     assert_recovers(proxy, faulty, path, body)
 

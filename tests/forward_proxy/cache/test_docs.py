@@ -22,14 +22,15 @@ def project_options() -> set[str]:
 
         from forward_proxy import addons
         from forward_proxy.privacy.addon import Privacy
+        from forward_proxy.protocolerrors import ProtocolErrors
 
         builtin = options.Options()
         DumpMaster(builtin)
         extended = options.Options()
         DumpMaster(extended).addons.add(*addons.addons)
         for addon in addons.addons:
-            if isinstance(addon, Privacy):
-                addon.done()  # its log filter must not outlive this test (it reads these options)
+            if isinstance(addon, Privacy | ProtocolErrors):
+                addon.done()  # what they install (a log filter, error pages) must not outlive this test
         return set(extended.keys()) - set(builtin.keys())
 
     return asyncio.run(collect())

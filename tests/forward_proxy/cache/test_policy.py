@@ -10,6 +10,7 @@ from forward_proxy.cache.policy import (
     RequestDirectives,
     Usability,
     age_header,
+    opaque_server_error,
     parse_cache_control,
     request_directives,
     response_lifetime,
@@ -109,3 +110,32 @@ def test_age_header_counts_whole_seconds() -> None:
     assert age_header(entry, 100.2) == "0"
     assert age_header(entry, 102.9) == "2"
     assert age_header(entry, 50.0) == "0"
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "content", "opaque"),
+    [
+        (503, "text/html", b"<h1>503 Service Unavailable</h1>", True),
+        (502, "", b"", True),
+        (500, "application/json", b"", True),
+        (500, "application/json", b'{"error": {"code": "cut', True),
+        (500, "application/json", b'{"error": {"code": "internal"}}', False),
+        (503, "application/problem+json; charset=utf-8", b'{"title": "overloaded"}', False),
+        (404, "text/html", b"<h1>404</h1>", False),
+        (200, "text/html", b"<h1>ok</h1>", False),
+    ],
+)
+def test_opaque_server_errors_are_5xx_answers_without_a_json_body(
+    status: int, content_type: str, content: bytes, opaque: bool
+) -> None:
+    header = {"content-type": content_type} if content_type else {}
+    assert opaque_server_error(status, header, content) is opaque
+
+
+def test_policy_docstring_examples() -> None:
+    import doctest
+
+    from forward_proxy.cache import policy
+
+    result = doctest.testmod(policy)
+    assert result.attempted > 0 and result.failed == 0
