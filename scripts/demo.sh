@@ -88,6 +88,7 @@ bold "starting the model API on $API_URL (logs: $DEMO_DIR/model-api.log)"
   --model all-MiniLM-L6-v2 --model "digits=$DEMO_DIR/digits.pt2" >"$DEMO_DIR/model-api.log" 2>&1 &
 pids+=($!)
 api_pid=$!
+echo "model API PID $api_pid"
 
 bold "starting the forward proxy on $PROXY_URL, admin on $ADMIN_URL (logs: $DEMO_DIR/proxy.log)"
 "$PROXY_BIN/forward-proxy" run --listen-host 127.0.0.1 --listen-port "$PROXY_PORT" \
@@ -95,6 +96,7 @@ bold "starting the forward proxy on $PROXY_URL, admin on $ADMIN_URL (logs: $DEMO
   >"$DEMO_DIR/proxy.log" 2>&1 &
 pids+=($!)
 proxy_pid=$!
+echo "forward proxy PID $proxy_pid"
 
 wait_http "$ADMIN_URL/stats" 60 "$proxy_pid"
 wait_http "$API_URL/v2/health/ready" 180 "$api_pid"

@@ -88,7 +88,7 @@ _DECISION_COUNTER = {
     "REFRESH": "refreshes",
     "COALESCED": "coalesced",
     "STALE": "stale",
-    "PARTIAL": "misses",  # it went upstream; also counted in `partials`
+    "PARTIAL": "partials",  # the report adds them to `misses` (they went upstream too)
 }
 
 
@@ -764,6 +764,10 @@ class Cache:
         if outcome.failure is not None:
             self._answer_failure(handling, decision, outcome.failure)
             return
+        if outcome.status >= 500 and handling.stale is not None:
+            # No stale rows, but the whole answer was kept (an upstream that does not answer in rows).
+            self._answer_from_entry(handling, handling.stale, "STALE", time.time())
+            return
         if self._answer_opaque_server_error(
             handling, decision, outcome.status, outcome.headers, outcome.content
         ):
@@ -783,8 +787,6 @@ class Cache:
             "upstream": outcome.upstream,
         }
         self._decide(handling, decision)
-        if decision == "PARTIAL":
-            self._count(handling, "partials")
         if from_cache:
             self._count(handling, "bytes_served_from_cache", outcome.bytes_from_cache)
             self._count(handling, "upstream_seconds_saved", outcome.seconds_saved)

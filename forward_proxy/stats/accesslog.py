@@ -5,10 +5,12 @@ Option `access_log`: a file path (appended to), `-` for stderr, or empty (the de
     {"time": "2026-05-09T07:36:11.123Z", "pseudonym": "c-3f9a1b2c", "method": "POST",
      "origin": "http://127.0.0.1:8000", "path": "/v1/embeddings", "status": 200, "cache": "HIT",
      "key": "9f86d081884c7d65", "route": "POST /v1/embeddings", "model": "all-MiniLM-L6-v2",
-     "upstream_seconds": null, "saved_seconds": 0.183, "total_seconds": 0.004, "bytes": 6203}
+     "upstream_seconds": null, "saved_seconds": 0.183, "total_seconds": 0.004, "bytes": 6203,
+     "rows": {"rows": 4, "from_cache": 4, "upstream": 0}}
 
 Load this addon after the cache and privacy addons: it reads what they put in `flow.metadata`
-(`fp.cache`, `fp.key_id`, `fp.route`, `fp.model`, `fp.origin`, `fp.upstream_seconds`, `fp.pseudonym`)
+(`fp.cache`, `fp.key_id`, `fp.route`, `fp.model`, `fp.origin`, `fp.upstream_seconds`, `fp.rows`,
+`fp.pseudonym`)
 and tells an answer the proxy made itself (a hit, a refusal) from one the upstream sent by whether a
 response exists once every addon's `request` hook has run.
 """
@@ -128,6 +130,7 @@ def access_record(
         else None,
         "total_seconds": _seconds(finished - request.timestamp_start),
         "bytes": len(response.raw_content or b"") if response is not None else None,
+        "rows": _rows(meta.get("fp.rows")),
     }
     if flow.error is not None:
         record["error"] = flow.error.msg
@@ -145,6 +148,13 @@ def _upstream_seconds(flow: http.HTTPFlow, decision: str | None, answered_by_pro
     if response is None or response.timestamp_start is None or flow.request.timestamp_end is None:
         return None
     return _seconds(response.timestamp_start - flow.request.timestamp_end)
+
+
+def _rows(figures: Any) -> dict[str, int] | None:
+    """A batch answered row by row: its rows, those from the cache and those sent upstream; else None."""
+    if not isinstance(figures, Mapping):
+        return None
+    return {name: int(figures.get(name, 0)) for name in ("rows", "from_cache", "upstream")}
 
 
 def _seconds(value: Any) -> float | None:

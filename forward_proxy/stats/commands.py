@@ -58,8 +58,8 @@ def register(subcommands: Any) -> None:
         parents=[where],
         help="print cache statistics",
         description="Print what the cache did: requests, hits, misses, bypasses, refreshes, coalesced "
-        "waiters, stale answers, stores, errors, evictions, hit ratio, bytes and upstream time saved, "
-        "overall and per origin, route and model, and how full the cache is. Counters are shared by "
+        "waiters, stale answers, partial answers and the rows of batches answered row by row, stores, "
+        "errors, evictions, hit ratio, bytes and upstream time saved, overall and per origin, route and model, and how full the cache is. Counters are shared by "
         "every proxy on the cache directory and survive restarts.",
     )
     stats.add_argument("--json", action="store_true", help="print the report as one JSON object")

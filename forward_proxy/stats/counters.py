@@ -9,7 +9,8 @@ request names none, and `%` and `|` inside a part are written `%25` and `%7C`. `
 as integer microseconds and read back as seconds.
 
 Semantics: every flow that a cache rule matched counts one `requests` and exactly one of `hits`,
-`misses`, `bypasses`, `refreshes`, `coalesced` or `stale` (so those add up to `requests`). `stores`,
+`misses`, `bypasses`, `refreshes`, `coalesced`, `stale` or `partials` (so those add up to `requests`;
+the report adds `partials` to its `misses`). `stores`,
 `store_errors`, `upstream_errors` and `evictions` are events counted as they happen (evictions carry an
 empty origin and route: they are not attributable). `bytes_served_from_cache` and
 `upstream_seconds_saved` are added for answers served from the store (HIT and STALE);
@@ -53,8 +54,8 @@ COUNT_NAMES = (
 )
 SECONDS_NAMES = ("upstream_seconds_saved", "upstream_seconds")
 DECISION_NAMES = ("hits", "misses", "bypasses", "refreshes", "coalesced", "stale")
-# Per-item caching of batches: a PARTIAL answer counts one request, one miss (it went upstream) and one
-# `partials`; `rows`, `rows_from_cache` and `rows_upstream` count the rows of batches answered row by row
+# Per-item caching of batches: a PARTIAL answer counts one request and one `partials` (the report adds
+# them to its `misses`: they went upstream too); `rows`, `rows_from_cache` and `rows_upstream` count the rows of batches answered row by row
 # (in `RouteCounts.counts` once counted).
 ROW_NAMES = ("partials", "rows", "rows_from_cache", "rows_upstream")
 _MICROSECONDS = 1_000_000
@@ -87,7 +88,7 @@ class RouteCounts:
     origin: str
     route: str
     model: str | None
-    counts: dict[str, float]  # every name of COUNT_NAMES and SECONDS_NAMES, 0 when never counted
+    counts: dict[str, float]  # every name of COUNT_NAMES, SECONDS_NAMES and ROW_NAMES, 0 when never counted
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Counters:
                 counts: dict[str, float] = {
                     **dict.fromkeys(COUNT_NAMES, 0),
                     **dict.fromkeys(SECONDS_NAMES, 0.0),
+                    **dict.fromkeys(ROW_NAMES, 0),
                 }
                 group = routes[(origin, route, model)] = RouteCounts(origin, route, model, counts)
             group.counts[name] = group.counts.get(name, 0) + (

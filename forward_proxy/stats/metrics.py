@@ -3,10 +3,12 @@
 A custom `prometheus_client` collector reads a fresh report (see `report.py`) on every scrape, so the
 numbers are the shared counters of every proxy process on the cache, never a per-process copy.
 Labels: `origin` ("http://127.0.0.1:8000"), `route` (the cache rule, "POST /v1/embeddings"), `model`
-("" when the request names none) and, on the request counter, `decision`.
+("" when the request names none), on the request counter `decision`, on the row counter `source`.
 
-    forward_proxy_cache_requests_total{origin,route,model,decision}   decision: hit | miss | bypass |
-                                                                       refresh | coalesced | stale
+    forward_proxy_cache_requests_total{origin,route,model,decision}   decision: hit | miss | partial |
+                                                                       bypass | refresh | coalesced |
+                                                                       stale
+    forward_proxy_cache_rows_total{origin,route,model,source}         source: cache | upstream | shared
     forward_proxy_cache_stores_total{origin,route,model}
     forward_proxy_cache_store_errors_total{origin,route,model}
     forward_proxy_cache_evictions_total{origin,route,model}
@@ -18,7 +20,12 @@ Labels: `origin` ("http://127.0.0.1:8000"), `route` (the cache rule, "POST /v1/e
     forward_proxy_cache_size_bytes
     forward_proxy_cache_limit_bytes            (absent when the cache has no limit)
     forward_proxy_cache_hit_ratio              hits / requests over all routes
+    forward_proxy_cache_row_hit_ratio          rows_from_cache / rows over all routes
     forward_proxy_stats_started_timestamp_seconds
+
+The report's `misses` include its `partials` (a PARTIAL answer went upstream too); here they are apart,
+`miss` is misses - partials, so the decisions of a route add up to its requests exactly, as do the
+sources of its rows to its `rows` (`shared`: rows - rows_from_cache - rows_upstream).
 """
 
 from __future__ import annotations
@@ -74,9 +81,24 @@ class ReportCollector(Collector):
             labels=[*_LABELS, "decision"],
         )
         for row in routes:
-            for field in DECISION_NAMES:
-                requests.add_metric([*_labels(row), _DECISION_LABELS.get(field, field)], row[field])
+            for decision, value in _decisions(row):
+                requests.add_metric([*_labels(row), decision], value)
         yield requests
+
+        rows = CounterMetricFamily(
+            "forward_proxy_cache_rows",
+            "Rows of batches answered row by row, by where each row's answer came from.",
+            labels=[*_LABELS, "source"],
+        )
+        for row in routes:
+            shared = row["rows"] - row["rows_from_cache"] - row["rows_upstream"]
+            for source, value in (
+                ("cache", row["rows_from_cache"]),
+                ("upstream", row["rows_upstream"]),
+                ("shared", shared),
+            ):
+                rows.add_metric([*_labels(row), source], value)
+        yield rows
 
         for field, name, documentation in _ROUTE_COUNTERS:
             family = CounterMetricFamily(name, documentation, labels=list(_LABELS))
@@ -96,10 +118,25 @@ class ReportCollector(Collector):
             "forward_proxy_cache_hit_ratio", "Hits / requests over all routes.", report["hit_ratio"]
         )
         yield GaugeMetricFamily(
+            "forward_proxy_cache_row_hit_ratio",
+            "Rows served from the cache / rows of batches answered row by row, all routes.",
+            report["row_hit_ratio"],
+        )
+        yield GaugeMetricFamily(
             "forward_proxy_stats_started_timestamp_seconds",
             "When counting started (Unix time).",
             report["started_at"],
         )
+
+
+def _decisions(row: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """(decision label, count) of a route, PARTIAL taken out of the misses it is also counted in."""
+    for field in DECISION_NAMES:
+        if field == "misses":
+            yield "miss", row["misses"] - row["partials"]
+            yield "partial", row["partials"]
+        else:
+            yield _DECISION_LABELS.get(field, field), row[field]
 
 
 def _labels(row: Mapping[str, Any]) -> list[str]:

@@ -17,12 +17,20 @@ The object (`schema_version` 1; fields are only ever added, never renamed or rem
     upstream_seconds_saved  seconds of upstream time the answers served from the cache originally took
     upstream_seconds        seconds actually spent upstream on requests a cache rule matched
     hit_ratio               hits / requests, 0.0 before the first request
+    partials                requests answered `X-Cache: PARTIAL` (a batch partly from the cache); they
+                            are also counted in `misses`, since they went upstream
+    rows                    rows of the batches answered row by row (per-item caching), any decision
+    rows_from_cache         of those, rows served from the cache
+    rows_upstream           of those, rows sent upstream; `rows - rows_from_cache - rows_upstream` were
+                            shared: repeated inside their batch, computed by a batch in flight, or
+                            waited for (COALESCED); or refused (`only-if-cached` and not cached)
+    row_hit_ratio           rows_from_cache / rows, 0.0 before the first row
     entries, size_bytes     what the cache holds now
     limit_bytes             its size limit, null when unlimited
     fill_ratio              size_bytes / limit_bytes, null when unlimited
-    origins                 one object per origin: origin, the counts, hit_ratio
+    origins                 one object per origin: origin, the counts, hit_ratio, the row figures
     routes                  one object per (origin, route, model): origin, route, model (null when the
-                            requests name none), the counts, hit_ratio; busiest first
+                            requests name none), the counts, hit_ratio, the row figures; busiest first
 
 Events that belong to no request (for example an eviction) are counted under origin "" and route "".
 """
@@ -34,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from forward_proxy.cache.units import format_duration, format_size
-from forward_proxy.stats.counters import COUNT_NAMES, SECONDS_NAMES, Counters, Snapshot
+from forward_proxy.stats.counters import COUNT_NAMES, ROW_NAMES, SECONDS_NAMES, Counters, Snapshot
 from forward_proxy.store.base import CacheStore, CounterStore, Volume
 
 REPORT_SCHEMA_VERSION = 1
@@ -43,6 +51,11 @@ REPORT_SCHEMA_VERSION = 1
 def hit_ratio(hits: float, requests: float) -> float:
     """Share of requests answered by a fresh cache hit; 0.0 when there were none."""
     return hits / requests if requests > 0 else 0.0
+
+
+def row_hit_ratio(rows_from_cache: float, rows: float) -> float:
+    """Share of batch rows served from the cache; 0.0 when no batch was answered row by row."""
+    return rows_from_cache / rows if rows > 0 else 0.0
 
 
 def read_report(cache: CacheStore, counters: CounterStore, now: float | None = None) -> dict[str, Any]:
@@ -95,7 +108,17 @@ def _sum(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
 
 def _row(raw: Mapping[str, float], **labels: str | None) -> dict[str, Any]:
     counts = _counts(raw)
-    return {**labels, **counts, "hit_ratio": hit_ratio(counts["hits"], counts["requests"])}
+    rows = {name: int(raw.get(name, 0)) for name in ROW_NAMES}
+    # A PARTIAL answer is counted once, as `partials` (so every counter only grows, also where Prometheus
+    # shows misses without them); the report's `misses` include them, since they went upstream too.
+    counts["misses"] += rows["partials"]
+    return {
+        **labels,
+        **counts,
+        "hit_ratio": hit_ratio(counts["hits"], counts["requests"]),
+        **rows,
+        "row_hit_ratio": row_hit_ratio(rows["rows_from_cache"], rows["rows"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,6 +155,12 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines = [f"Cache statistics, counting since {started} ({format_duration(report['elapsed_seconds'])})", ""]
     summary: list[tuple[str, str]] = [(label, str(report[name])) for name, label in _SUMMARY_ROWS]
     summary.insert(1, ("hit ratio", format_percent(report["hit_ratio"])))
+    if report["rows"]:  # only where batches were answered row by row, so the table stays short otherwise
+        after_decisions = [label for label, _ in summary].index("stores")
+        summary[after_decisions:after_decisions] = [
+            ("partial answers", str(report["partials"])),
+            ("batch rows", format_rows(report)),
+        ]
     summary += [
         ("upstream time saved", format_seconds(report["upstream_seconds_saved"])),
         ("upstream time spent", format_seconds(report["upstream_seconds"])),
@@ -147,13 +176,23 @@ def render_table(report: Mapping[str, Any]) -> str:
     if not routes:
         lines.append("No cached route has seen a request yet.")
         return "\n".join(lines) + "\n"
-    header = ["ORIGIN", "ROUTE", "MODEL", *(title for _, title in _ROUTE_COLUMNS), "HIT RATIO", "SAVED"]
+    with_rows = bool(report["rows"])  # the PARTIAL and ROWS columns only where batches were answered in rows
+    header = [
+        "ORIGIN",
+        "ROUTE",
+        "MODEL",
+        *(title for _, title in _ROUTE_COLUMNS),
+        *(("PARTIAL", "ROWS") if with_rows else ()),
+        "HIT RATIO",
+        "SAVED",
+    ]
     body = [
         [
             row["origin"],
             row["route"],
             row["model"] or "-",
             *(str(row[name]) for name, _ in _ROUTE_COLUMNS),
+            *((str(row["partials"]), _format_route_rows(row)) if with_rows else ()),
             format_percent(row["hit_ratio"]),
             format_seconds(row["upstream_seconds_saved"]),
         ]
@@ -168,6 +207,21 @@ def render_table(report: Mapping[str, Any]) -> str:
         ]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def format_rows(report: Mapping[str, Any]) -> str:
+    """The rows of batches answered row by row: `6: 2 from cache (33.3%), 4 upstream`, and any shared."""
+    shared = report["rows"] - report["rows_from_cache"] - report["rows_upstream"]
+    text = (
+        f"{report['rows']}: {report['rows_from_cache']} from cache ({format_percent(report['row_hit_ratio'])}), "
+        f"{report['rows_upstream']} upstream"
+    )
+    return text + (f", {shared} shared" if shared else "")
+
+
+def _format_route_rows(row: Mapping[str, Any]) -> str:
+    """Rows from the cache / rows, as the `X-Cache-Rows` header writes them; `-` for a route without."""
+    return f"{row['rows_from_cache']}/{row['rows']}" if row["rows"] else "-"
 
 
 def _format_fill(report: Mapping[str, Any]) -> str:

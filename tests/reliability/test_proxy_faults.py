@@ -11,7 +11,6 @@ import contextlib
 import errno
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import requests
 
 from tests.reliability.faults import SLOW_SECONDS, Fault, FaultyUpstream, healthy_json
+from tests.support.privileges import without_root_privileges
 from tests.support.proxy import RunningProxy, start_proxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -192,19 +192,9 @@ def _chmod_tree(directory: Path, directories: int, files: int) -> None:
             os.chmod(os.path.join(root, name), files)
 
 
-def _without_root_privileges() -> tuple[str, ...]:
-    """A wrapper that makes the proxy obey file modes: root overrides them unless it drops the
-    capabilities to (CAP_DAC_OVERRIDE and friends); a normal user needs none."""
-    if os.geteuid() != 0:
-        return ()
-    if shutil.which("setpriv") is None:
-        pytest.skip("root ignores read-only modes, and setpriv (util-linux) is missing to drop that power")
-    return ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner")
-
-
 def test_a_cache_directory_made_read_only_while_running(tmp_path: Path, upstream: FaultyUpstream) -> None:
     cache_dir = tmp_path / "cache"
-    with start_proxy(tmp_path, cache_dir=cache_dir, wrapper=_without_root_privileges()) as proxy:
+    with start_proxy(tmp_path, cache_dir=cache_dir, wrapper=without_root_privileges()) as proxy:
         warm = range(2000, 2006)
         assert ask_all(proxy, upstream, warm).count("MISS") == len(warm)
         _chmod_tree(cache_dir, 0o555, 0o444)

@@ -4,13 +4,16 @@
 
 const POLL_MILLISECONDS = 2000;
 const SVG_NS = "http://www.w3.org/2000/svg";
+// [field, label, colour, value]: a PARTIAL answer also counts in `misses`, so the miss bar leaves it
+// out and the bars add up to the requests (as the decisions of /metrics do).
 const DECISIONS = [
-  ["hits", "hit", "--hit"],
-  ["misses", "miss", "--miss"],
-  ["bypasses", "bypass", "--bypass"],
-  ["refreshes", "refresh", "--refresh"],
-  ["coalesced", "coalesced", "--coalesced"],
-  ["stale", "stale", "--stale"],
+  ["hits", "hit", "--hit", (r) => r.hits],
+  ["misses", "miss", "--miss", (r) => r.misses - r.partials],
+  ["partials", "partial", "--partial", (r) => r.partials],
+  ["bypasses", "bypass", "--bypass", (r) => r.bypasses],
+  ["refreshes", "refresh", "--refresh", (r) => r.refreshes],
+  ["coalesced", "coalesced", "--coalesced", (r) => r.coalesced],
+  ["stale", "stale", "--stale", (r) => r.stale],
 ];
 const TOP_ROUTES = 12;
 
@@ -118,7 +121,9 @@ function renderSummary(report) {
     " (" + formatDuration(report.elapsed_seconds) + ")");
 
   setText("kpi-requests", formatCount(report.requests));
-  setText("kpi-requests-detail", plural(report.misses, "miss", "misses") + " · " + plural(report.bypasses, "bypass", "bypasses"));
+  // With batches answered row by row, the partials (among the misses) say more than the bypasses.
+  const second = report.partials ? plural(report.partials, "partial", "partial") : plural(report.bypasses, "bypass", "bypasses");
+  setText("kpi-requests-detail", plural(report.misses, "miss", "misses") + " · " + second);
 
   setText("kpi-hit-ratio", formatPercent(report.hit_ratio));
   setText("kpi-hits-detail", plural(report.hits, "hit", "hits") + " of " + formatCount(report.requests));
@@ -128,6 +133,14 @@ function renderSummary(report) {
 
   setText("kpi-bytes", formatBytes(report.bytes_served_from_cache));
   setText("kpi-bytes-detail", plural(report.hits + report.stale, "answer", "answers") + " from the store");
+
+  if (report.rows === 0) {
+    setText("kpi-rows", "–");
+    setText("kpi-rows-detail", "no batch answered row by row yet");
+  } else {
+    setText("kpi-rows", formatPercent(report.row_hit_ratio));
+    setText("kpi-rows-detail", formatCount(report.rows_from_cache) + " of " + plural(report.rows, "batch row", "batch rows"));
+  }
 
   setText("kpi-fill", formatBytes(report.size_bytes));
   const bar = document.getElementById("fill-bar");
@@ -166,7 +179,7 @@ function renderRoutes(report) {
   const routes = report.routes.filter((r) => r.origin || r.route).slice(0, TOP_ROUTES);
   if (routes.length === 0) {
     const row = body.insertRow();
-    cell(row, "no request has matched a cache rule yet", "empty").colSpan = 9;
+    cell(row, "no request has matched a cache rule yet", "empty").colSpan = 10;
     return;
   }
   for (const route of routes) {
@@ -185,6 +198,7 @@ function renderRoutes(report) {
     ratio.querySelector(".ratio-fill").style.width = (route.hit_ratio * 100).toFixed(1) + "%";
     ratio.querySelector(".ratio-text").textContent = formatPercent(route.hit_ratio);
     cell(row, formatSeconds(route.upstream_seconds_saved), "saved");
+    cell(row, route.rows ? formatCount(route.rows_from_cache) + "/" + formatCount(route.rows) : "–", "rows");
   }
 }
 
@@ -198,17 +212,18 @@ function renderDecisions(report) {
   const svg = document.getElementById("chart-decisions");
   clear(svg);
   const { width } = viewBox(svg);
-  const largest = Math.max(1, ...DECISIONS.map(([field]) => report[field]));
+  const values = DECISIONS.map(([, , , value]) => value(report));
+  const largest = Math.max(1, ...values);
   const left = 86;
   const right = 54;
   DECISIONS.forEach(([field, label, color], index) => {
-    const y = 8 + index * 30;
-    const length = ((width - left - right) * report[field]) / largest;
-    svg.appendChild(svgElement("text", { x: left - 10, y: y + 14, "text-anchor": "end", class: "bar-label" }, label));
-    svg.appendChild(svgElement("rect", { x: left, y, width: width - left - right, height: 20, rx: 3, fill: cssColor("--line") }));
-    svg.appendChild(svgElement("rect", { x: left, y, width: Math.max(length, 0), height: 20, rx: 3, fill: cssColor(color) }));
+    const y = 6 + index * 25;
+    const length = ((width - left - right) * values[index]) / largest;
+    svg.appendChild(svgElement("text", { x: left - 10, y: y + 13, "text-anchor": "end", class: "bar-label" }, label));
+    svg.appendChild(svgElement("rect", { x: left, y, width: width - left - right, height: 18, rx: 3, fill: cssColor("--line") }));
+    svg.appendChild(svgElement("rect", { x: left, y, width: Math.max(length, 0), height: 18, rx: 3, fill: cssColor(color) }));
     svg.appendChild(
-      svgElement("text", { x: width - right + 8, y: y + 14, class: "bar-value", "data-decision": field }, formatCount(report[field])),
+      svgElement("text", { x: width - right + 8, y: y + 13, class: "bar-value", id: "decision-" + field, "data-decision": field }, formatCount(values[index])),
     );
   });
 }

@@ -270,22 +270,52 @@ def test_5xx_answers_are_passed_on_and_not_cached(tmp_path: Path, cache_backend:
     run_scenario(tmp_path, cache_backend, scenario)
 
 
+def fail_unreachable(upstream: FakeUpstream) -> None:
+    upstream.failure = UpstreamError("unreachable", "refused")
+
+
+def fail_with_503_json(upstream: FakeUpstream) -> None:
+    upstream.status = 503  # a JSON body: the model API's own error, passed on when nothing stands in
+
+
+def fail_by_timeout(upstream: FakeUpstream) -> None:
+    upstream.failure = UpstreamError("timeout", "no complete answer within 1s")
+
+
+@pytest.mark.parametrize("per_item_cache", [True, False], ids=["rows", "whole"])
+@pytest.mark.parametrize(
+    ("fail", "status_after_the_window"),
+    [(fail_unreachable, 502), (fail_with_503_json, 503), (fail_by_timeout, 504)],
+    ids=["unreachable", "503 JSON", "timeout"],
+)
 def test_stale_if_error_serves_an_expired_entry_when_the_upstream_fails(
-    tmp_path: Path, cache_backend: CacheBackend
+    tmp_path: Path,
+    cache_backend: CacheBackend,
+    fail: Callable[[FakeUpstream], None],
+    status_after_the_window: int,
+    per_item_cache: bool,
 ) -> None:
     async def scenario(cache: Cache, upstream: FakeUpstream, _: Any) -> None:
         first = await send(cache, embeddings_flow())
         await cache.settled()
         await age_all_entries(cache, 90)  # past the 60 s TTL, within 60 s + 5 min
-        upstream.failure = UpstreamError("unreachable", "refused")
+        fail(upstream)
+        calls = upstream.count("/v1/embeddings")
         stale = await send(cache, embeddings_flow())
+        assert upstream.count("/v1/embeddings") == calls + 1  # the upstream was asked first
+        assert stale.response.status_code == 200
         assert stale.response.headers["x-cache"] == "STALE"
         assert stale.response.content == first.response.content
         assert int(stale.response.headers["age"]) >= 90
+        assert cache.counters.snapshot().total("stale") == 1
         await age_all_entries(cache, 400)  # now past the stale-if-error window too
-        assert (await send(cache, embeddings_flow())).response.status_code == 502
+        late = await send(cache, embeddings_flow())
+        assert late.response.status_code == status_after_the_window
+        assert late.response.headers["x-cache"] == "MISS"
 
-    run_scenario(tmp_path, cache_backend, scenario, cache_ttl="60s", stale_if_error="5m")
+    run_scenario(
+        tmp_path, cache_backend, scenario, cache_ttl="60s", stale_if_error="5m", per_item_cache=per_item_cache
+    )
 
 
 def test_an_entry_of_another_version_is_never_served(tmp_path: Path, cache_backend: CacheBackend) -> None:

@@ -15,8 +15,13 @@ CONFIGURATION = REPO / "docs" / "configuration.md"
 
 def project_options() -> set[str]:
     """Names of the options the project's addons add to mitmproxy's own."""
+    return set(project_option_helps())
 
-    async def collect() -> set[str]:
+
+def project_option_helps() -> dict[str, str]:
+    """The help text (what `mitmdump --options` shows) of each option the project's addons add."""
+
+    async def collect() -> dict[str, str]:
         from mitmproxy import options
         from mitmproxy.tools.dump import DumpMaster
 
@@ -31,7 +36,7 @@ def project_options() -> set[str]:
         for addon in addons.addons:
             if isinstance(addon, Privacy | ProtocolErrors):
                 addon.done()  # what they install (a log filter, error pages) must not outlive this test
-        return set(extended.keys()) - set(builtin.keys())
+        return {name: option.help for name, option in extended.items() if name not in builtin}
 
     return asyncio.run(collect())
 
@@ -62,3 +67,14 @@ def test_every_launcher_flag_is_documented() -> None:
     text = CONFIGURATION.read_text()
     for flag in FLAGS:
         assert f"`{flag.flag} " in text, flag.flag
+
+
+def test_every_project_option_has_a_help_sentence() -> None:
+    helps = project_option_helps()
+    # One option of each addon that adds some, so an empty collection cannot pass.
+    assert {"cache_ttl", "intercept_hosts", "allow_clients", "egress_allow", "pseudonym_key"} <= set(helps)
+    assert {"access_log", "admin_port"} <= set(helps)
+    for name, text in helps.items():
+        sentence = " ".join(text.split())
+        assert len(sentence) >= 30 and len(sentence.split()) >= 4, (name, text)
+        assert sentence[0].isupper() and sentence.endswith((".", ")")), (name, text)

@@ -74,7 +74,8 @@ def test_options_lists_every_cache_option_with_help() -> None:
     assert "\nintercept_hosts:" in result.stdout
 
 
-def test_mitmdump_loads_the_same_addons_and_options(tmp_path: Path, upstream: Upstream) -> None:
+def mitmdump_with_the_addons(tmp_path: Path, *options: str) -> tuple[ManagedProcess, int]:
+    """`mitmdump -s forward_proxy/addons.py --set OPTION ...` on a free loopback port, not yet waited for."""
     port = free_port()
     argv = [
         console_script("mitmdump"),
@@ -84,14 +85,15 @@ def test_mitmdump_loads_the_same_addons_and_options(tmp_path: Path, upstream: Up
         str(port),
         "-s",
         str(REPO / "forward_proxy" / "addons.py"),
-        "--set",
-        f"cache_dir={tmp_path / 'cache'}",
-        "--set",
-        "cache_ttl=30m",
-        "--set",
-        "cache_rules=POST /v1/embeddings",
+        *(part for option in options for part in ("--set", option)),
     ]
-    process = ManagedProcess(argv, tmp_path / "mitmdump.log").start()
+    return ManagedProcess(argv, tmp_path / "mitmdump.log").start(), port
+
+
+def test_mitmdump_loads_the_same_addons_and_options(tmp_path: Path, upstream: Upstream) -> None:
+    process, port = mitmdump_with_the_addons(
+        tmp_path, f"cache_dir={tmp_path / 'cache'}", "cache_ttl=30m", "cache_rules=POST /v1/embeddings"
+    )
     try:
         assert process.proc is not None
         wait_for_port("127.0.0.1", port, timeout=60, proc=process.proc)
@@ -104,6 +106,27 @@ def test_mitmdump_loads_the_same_addons_and_options(tmp_path: Path, upstream: Up
     assert code == 0, process.log()
     assert "Loading script" in process.log()
     assert "OptionsError" not in process.log() and "Unknown option" not in process.log()
+
+
+def test_mitmdump_with_the_addons_caches(tmp_path: Path, upstream: Upstream) -> None:
+    process, port = mitmdump_with_the_addons(tmp_path, f"cache_dir={tmp_path / 'cache'}")
+    try:
+        assert process.proc is not None
+        wait_for_port("127.0.0.1", port, timeout=60, proc=process.proc)
+        proxies = {"http": f"http://127.0.0.1:{port}"}
+        body = {"input": "cached by mitmdump", "model": "minilm"}
+        answers = [
+            requests.post(upstream.url("/v1/embeddings"), json=body, proxies=proxies, timeout=30)
+            for _ in range(2)
+        ]
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert [answer.headers["X-Cache"] for answer in answers] == ["MISS", "HIT"]
+        assert answers[1].content == answers[0].content
+        assert upstream.calls("/v1/embeddings") == 1
+    finally:
+        code = process.stop()
+    assert code == 0, process.log()
+    assert (tmp_path / "cache" / "entries").is_dir()  # the store is the one named by --set cache_dir
 
 
 def test_error_body_has_the_one_error_shape() -> None:

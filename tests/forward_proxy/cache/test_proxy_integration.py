@@ -4,8 +4,8 @@ a small upstream that counts its calls; once on diskcache and once on a real Red
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from tests.forward_proxy.cache.conftest import CacheBackend
-from tests.support.processes import free_port
+from tests.support.privileges import without_root_privileges
+from tests.support.processes import console_script, free_port
 from tests.support.proxy import RunningProxy, start_proxy
 from tests.support.upstream import Reply, Upstream, self_signed_certificate
 
@@ -213,6 +214,7 @@ def test_a_new_model_version_is_never_answered_with_old_entries(
         assert post(proxy, url, body).headers["X-Model-Version"] == "v1"
         assert post(proxy, url, body).headers["X-Cache"] == "HIT"
         model.restart(model_version="v2")
+        checks_before = model.calls("/v2/health/live")
         changed_at = time.monotonic()
         seen = []
         while time.monotonic() - changed_at < interval * 3:
@@ -225,29 +227,87 @@ def test_a_new_model_version_is_never_answered_with_old_entries(
         assert not old or max(old) <= interval + 0.5, seen
         assert seen[-1][1:] == ("v2", "HIT")
         assert model.calls("/v1/embeddings") == 2  # one per version
+        # Hits re-check the version once what the proxy knows is half an interval old, one check at a
+        # time: a steady stream of hits must not turn into a stream of checks.
+        duration = time.monotonic() - changed_at
+        checks = model.calls("/v2/health/live") - checks_before
+        assert 1 <= checks <= duration / (interval / 2) + 2, (checks, duration, len(seen))
+
+
+UPSTREAM_FAILURES = ("down", "503 JSON", "timeout")
 
 
 @pytest.mark.slow
-def test_stale_if_error_serves_the_expired_entry_while_the_upstream_is_down(
-    tmp_path: Path, cache_backend: CacheBackend
+@pytest.mark.parametrize("failure", UPSTREAM_FAILURES)
+def test_stale_if_error_serves_the_expired_entry_while_the_upstream_fails(
+    tmp_path: Path, cache_backend: CacheBackend, failure: str
 ) -> None:
     model = Upstream().start()
-    args = ("--cache-ttl", "1s", "--set", "stale_if_error=5m", *cache_backend.args(tmp_path))
+    args = ("--cache-ttl", "1s", "--set", "stale_if_error=5m", "--set", "upstream_timeout=500ms")
     try:
-        with start_proxy(tmp_path, *args) as proxy:
+        with start_proxy(tmp_path, *args, *cache_backend.args(tmp_path)) as proxy:
             url = model.url("/v1/embeddings")
             fresh = post(proxy, url, {"input": "stale"})
-            model.stop()
+            assert fresh.headers["X-Cache"] == "MISS"
+            if failure == "down":
+                model.stop()
+            elif failure == "503 JSON":
+                overloaded = b'{"error": {"code": "overloaded", "message": "retry later"}}'
+                model.reply("/v1/embeddings", Reply(status=503, body=overloaded))
+            else:
+                model.reply("/v1/embeddings", Reply(delay=2.0))
             time.sleep(1.2)
+            calls = model.calls("/v1/embeddings")
             stale = post(proxy, url, {"input": "stale"})
             assert stale.status_code == 200
             assert stale.headers["X-Cache"] == "STALE"
             assert stale.content == fresh.content
             assert int(stale.headers["Age"]) >= 1
+            if failure != "down":
+                assert model.calls("/v1/embeddings") == calls + 1  # the upstream was asked, and failed
             other = post(proxy, url, {"input": "never cached"})
-            assert other.status_code == 502
+            expected = {"down": 502, "503 JSON": 503, "timeout": 504}[failure]
+            assert other.status_code == expected
+            assert other.headers["X-Cache"] == "MISS"
     finally:
         model.stop()
+
+
+def stats_report(cache_dir: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [console_script("forward-proxy"), "stats", "--json", "--cache-dir", str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+@pytest.mark.disk_only
+def test_entries_beyond_the_cache_size_are_evicted_and_counted(tmp_path: Path) -> None:
+    limit = 1024 * 1024
+    with Upstream() as model, start_proxy(tmp_path, "--cache-size", "1MiB") as proxy:
+        model.reply("/v1/embeddings", Reply(body=b'{"outputs": "' + b"x" * 150_000 + b'"}'))
+        url = model.url("/v1/embeddings")
+        answers = [post(proxy, url, {"input": f"evicted {index}"}) for index in range(12)]  # ~1.8 MB
+        assert [answer.headers["X-Cache"] for answer in answers] == ["MISS"] * 12
+        # Eviction runs in the proxy's once-a-second flush; the counters follow within a second.
+        deadline = time.monotonic() + 20
+        report = stats_report(proxy.cache_dir)
+        while report["evictions"] == 0 or report["size_bytes"] > limit:
+            assert time.monotonic() < deadline, report
+            time.sleep(0.3)
+            report = stats_report(proxy.cache_dir)
+        assert report["limit_bytes"] == limit
+        assert report["stores"] == 12
+        assert 0 < report["entries"] < 12
+        assert report["entries"] + report["evictions"] == 12
+        # The least recently used went first: the last answer stored is still there, the first is not.
+        assert post(proxy, url, {"input": "evicted 11"}).headers["X-Cache"] == "HIT"
+        assert post(proxy, url, {"input": "evicted 0"}).headers["X-Cache"] == "MISS"
+        assert model.calls("/v1/embeddings") == 13
 
 
 @pytest.mark.disk_only
@@ -265,14 +325,14 @@ def test_an_unusable_cache_directory_keeps_requests_working(tmp_path: Path, upst
 
 
 @pytest.mark.disk_only
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories anyway")
 def test_a_read_only_cache_directory_keeps_requests_working(tmp_path: Path, upstream: Upstream) -> None:
     cache_dir = tmp_path / "read-only"
     cache_dir.mkdir()
     cache_dir.chmod(0o555)
     try:
         key_file = f"pseudonym_key_file={tmp_path / 'pseudonym.key'}"
-        with start_proxy(tmp_path, "--set", key_file, cache_dir=cache_dir) as proxy:
+        wrapper = without_root_privileges()  # as root, the proxy too must obey the read-only mode
+        with start_proxy(tmp_path, "--set", key_file, cache_dir=cache_dir, wrapper=wrapper) as proxy:
             url = upstream.url("/v1/embeddings")
             answers = [post(proxy, url, {"input": "read-only"}) for _ in range(2)]
             assert [answer.status_code for answer in answers] == [200, 200]

@@ -29,11 +29,16 @@ def route_row(origin: str, route: str, model: str | None, **counts: float) -> di
     row["upstream_seconds_saved"] = float(counts.get("upstream_seconds_saved", 0.0))
     row["upstream_seconds"] = float(counts.get("upstream_seconds", 0.0))
     row["hit_ratio"] = row["hits"] / row["requests"] if row["requests"] else 0.0
+    row.update(
+        {name: int(counts.get(name, 0)) for name in ("partials", "rows", "rows_from_cache", "rows_upstream")}
+    )
+    row["row_hit_ratio"] = row["rows_from_cache"] / row["rows"] if row["rows"] else 0.0
     return row
 
 
 def sample_report(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
-    """7 requests on embeddings (4 hits, 2 misses, 1 bypass) and 3 on infer (1 hit, 1 miss, 1 stale)."""
+    """7 requests on embeddings (4 hits, 2 misses of which 1 PARTIAL, 1 bypass; 10 batch rows: 6 from the
+    cache, 3 upstream, 1 shared) and 3 on infer (1 hit, 1 miss, 1 stale)."""
     routes = [
         route_row(
             ORIGIN,
@@ -43,6 +48,10 @@ def sample_report(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
             hits=4,
             misses=2,
             bypasses=1,
+            partials=1,
+            rows=10,
+            rows_from_cache=6,
+            rows_upstream=3,
             stores=2,
             bytes_served_from_cache=4000,
             upstream_seconds_saved=2.0,
@@ -68,7 +77,7 @@ def sample_report(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
     totals = {
         name: sum(row[name] for row in routes)
         for name in routes[0]
-        if name not in ("origin", "route", "model", "hit_ratio")
+        if name not in ("origin", "route", "model", "hit_ratio", "row_hit_ratio")
     }
     return {
         "schema_version": 1,
@@ -77,6 +86,7 @@ def sample_report(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
         "elapsed_seconds": 100.0,
         **totals,
         "hit_ratio": totals["hits"] / totals["requests"],
+        "row_hit_ratio": totals["rows_from_cache"] / totals["rows"],
         "entries": 3,
         "size_bytes": 3072,
         "limit_bytes": 1 << 20,

@@ -63,8 +63,17 @@ def test_a_hit_is_logged_with_every_field_and_never_the_client_address(tmp_path:
         "saved_seconds": 0.183,
         "total_seconds": line["total_seconds"],
         "bytes": len(b"message"),
+        "rows": None,
     }
     assert isinstance(line["total_seconds"], float) and line["total_seconds"] >= 0
+
+
+def test_a_batch_answered_row_by_row_logs_its_rows() -> None:
+    flow = _cached_flow("PARTIAL", 0.5)
+    flow.metadata["fp.rows"] = {"rows": 4, "from_cache": 2, "upstream": 2}
+    record = access_record(flow, answered_by_proxy=False)
+    assert (record["cache"], record["rows"]) == ("PARTIAL", {"rows": 4, "from_cache": 2, "upstream": 2})
+    assert (record["upstream_seconds"], record["saved_seconds"]) == (0.5, None)
 
 
 def test_a_miss_logs_the_upstream_time_and_saves_nothing() -> None:

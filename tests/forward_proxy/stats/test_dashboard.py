@@ -33,3 +33,9 @@ def test_the_dashboard_shows_the_numbers_of_the_report(tmp_path: Path) -> None:
     routes = texts["routes-body"]
     assert routes.startswith("http://127.0.0.1:8000 POST /v1/embeddings mini 7 4 2 1 57.1% 2.00 s")
     assert "POST /v2/models/*/infer digits 3 1 1 1 33.3% 0.25 s" in routes
+    assert texts["kpi-rows"] == "60.0%"
+    assert texts["kpi-rows-detail"] == "6 of 10 batch rows"
+    assert texts["kpi-requests-detail"] == "3 misses · 1 partial"  # the partial is among the misses
+    decisions = {name: texts[f"decision-{name}"] for name in ("hits", "misses", "partials", "stale")}
+    assert decisions == {"hits": "5", "misses": "2", "partials": "1", "stale": "1"}  # a PARTIAL not twice
+    assert "57.1% 2.00 s 6/10" in routes

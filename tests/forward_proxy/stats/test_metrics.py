@@ -22,13 +22,24 @@ def _labels(route: str, model: str, **extra: str) -> frozenset[tuple[str, str]]:
 
 def test_every_decision_of_every_route_is_a_labelled_request_counter() -> None:
     samples = _samples(render_metrics(sample_report).decode())
-    expected = {"hit": 4, "miss": 2, "bypass": 1, "refresh": 0, "coalesced": 0, "stale": 0}
+    expected = {"hit": 4, "miss": 1, "partial": 1, "bypass": 1, "refresh": 0, "coalesced": 0, "stale": 0}
     for decision, value in expected.items():
         key = ("forward_proxy_cache_requests_total", _labels(EMBEDDINGS, "mini", decision=decision))
         assert samples[key] == value
     assert samples[("forward_proxy_cache_requests_total", _labels(INFER, "digits", decision="stale"))] == 1
     total = sum(v for (name, _), v in samples.items() if name == "forward_proxy_cache_requests_total")
-    assert total == 10
+    assert total == 10  # a PARTIAL is counted once: as `partial`, not also as `miss`
+
+
+def test_rows_are_counted_by_source_and_add_up_to_the_rows() -> None:
+    samples = _samples(render_metrics(sample_report).decode())
+    for source, value in {"cache": 6, "upstream": 3, "shared": 1}.items():
+        assert (
+            samples[("forward_proxy_cache_rows_total", _labels(EMBEDDINGS, "mini", source=source))] == value
+        )
+    for source in ("cache", "upstream", "shared"):
+        assert samples[("forward_proxy_cache_rows_total", _labels(INFER, "digits", source=source))] == 0
+    assert samples[("forward_proxy_cache_row_hit_ratio", frozenset())] == 0.6
 
 
 def test_events_bytes_and_seconds_are_counters_with_units_in_their_names() -> None:

@@ -162,3 +162,56 @@ def test_the_table_shows_the_same_numbers() -> None:
     }
     assert routes[2]["MODEL"] == "-"
     assert len(routes) == 3  # the unattributed evictions are in the totals, not a route line
+
+
+def _report_with_rows() -> dict[str, Any]:
+    """`_counters()` plus batches on M2: 2 PARTIAL answers among 3 misses (the counters keep them apart: 1
+    miss, 2 partials), 12 rows (5 cached, 6 upstream)."""
+    counters = _counters()
+    amounts = {"requests": 4, "hits": 1, "misses": 1, "partials": 2}
+    amounts |= {"rows": 12, "rows_from_cache": 5, "rows_upstream": 6}
+    for name, amount in amounts.items():
+        counters.count(name, origin=M2, route=EMBEDDINGS, model="mini", amount=amount)
+    snapshot = counters.snapshot()
+    return build_report(snapshot, Volume(3, 2048, 8192), now=snapshot.started_at + 10.0)
+
+
+def test_row_figures_are_reported_overall_per_origin_and_per_route() -> None:
+    report = _report_with_rows()
+    figures = ("partials", "rows", "rows_from_cache", "rows_upstream", "row_hit_ratio")
+    assert [report[name] for name in figures] == [2, 12, 5, 6, 5 / 12]
+    assert (report["requests"], report["misses"]) == (14, 6)  # a PARTIAL is a miss too
+    origins = {o["origin"]: o for o in report["origins"]}
+    assert [origins[M2][name] for name in figures] == [2, 12, 5, 6, 5 / 12]
+    assert [origins[M1][name] for name in figures] == [0, 0, 0, 0, 0.0]
+    routes = {(r["origin"], r["route"], r["model"]): r for r in report["routes"]}
+    assert [routes[(M2, EMBEDDINGS, "mini")][name] for name in figures] == [2, 12, 5, 6, 5 / 12]
+    assert [routes[(M1, EMBEDDINGS, "mini")][name] for name in figures] == [0, 0, 0, 0, 0.0]
+
+
+def test_row_figures_only_add_keys() -> None:
+    before = set(_report())
+    after = set(_report_with_rows())
+    assert after == before  # the same keys, whatever was counted
+    assert {"partials", "rows", "rows_from_cache", "rows_upstream", "row_hit_ratio"} <= after
+    for row in _report()["routes"]:
+        assert (row["rows"], row["row_hit_ratio"]) == (0, 0.0)
+
+
+def test_without_rows_the_table_has_no_row_lines_or_columns() -> None:
+    summary, routes = parse_table(render_table(_report()))
+    assert "batch rows" not in summary and "partial answers" not in summary
+    assert "PARTIAL" not in routes[0] and "ROWS" not in routes[0]
+
+
+def test_the_table_shows_the_rows_of_batches() -> None:
+    summary, routes = parse_table(render_table(_report_with_rows()))
+    assert summary["partial answers"] == "2"
+    assert summary["batch rows"] == "12: 5 from cache (41.7%), 6 upstream, 1 shared"
+    rows = {(row["ORIGIN"], row["ROUTE"], row["MODEL"]): row for row in routes}
+    assert (rows[(M2, EMBEDDINGS, "mini")]["PARTIAL"], rows[(M2, EMBEDDINGS, "mini")]["ROWS"]) == (
+        "2",
+        "5/12",
+    )
+    assert (rows[(M1, EMBEDDINGS, "mini")]["PARTIAL"], rows[(M1, EMBEDDINGS, "mini")]["ROWS"]) == ("0", "-")
+    assert rows[(M2, EMBEDDINGS, "mini")]["MISSES"] == "3"
