@@ -184,9 +184,11 @@ class ModelApiClient:
         return self.send(method, url, target=f"{parts.scheme}://{parts.netloc}")
 
     def proxy_for(self, url: str) -> str | None:
-        """The proxy requests will use for `url` (from the environment and `NO_PROXY`), or None."""
+        """The proxy requests will use for `url` (from the environment and `NO_PROXY`), or None; as
+        output shows it, without a password (`HTTP_PROXY=http://user:password@host:port`)."""
         settings = self.session.merge_environment_settings(url, {}, None, None, None)
-        return select_proxy(url, settings["proxies"])
+        proxy = select_proxy(url, settings["proxies"])
+        return without_password(proxy) if proxy else proxy
 
     def send(
         self, method: str, url: str, *, json: Any = None, target: str
@@ -285,10 +287,22 @@ def status_line(response: requests.Response) -> str:
     return f"{response.status_code} {response.reason or ''}".strip()
 
 
+def without_password(url: str) -> str:
+    """`url` without its user and password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
 def http_error(method: str, url: str, response: requests.Response, proxy: str | None) -> ClientError:
     via = f" (through the proxy at {proxy})" if proxy else ""
+    hint = ""
+    if response.status_code == 407:
+        where = urlsplit(proxy).netloc.rsplit("@", 1)[-1] if proxy else "host:port"
+        hint = f" — give client-app the proxy's credentials: HTTP_PROXY=http://USER:PASSWORD@{where}"
     return ClientError(
-        f"{method} {url} answered {status_line(response)}{via}: {error_message(response)}",
+        f"{method} {url} answered {status_line(response)}{via}: {error_message(response)}{hint}",
         response.status_code,
     )
 

@@ -80,6 +80,12 @@ def resolve_device(device: str) -> str:
             f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; install a CUDA "
             "build of torch (docs/model-api.md, 'GPU') or use --device cpu"
         )
+    index = device.partition(":")[2]
+    if device.startswith("cuda") and index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise ModelSpecError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+            "choose one of them or --device cuda"
+        )
     return device
 
 

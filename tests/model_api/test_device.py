@@ -12,8 +12,9 @@ from tests.support.model_server import model_api_command
 from tests.support.processes import REPO, free_port
 
 
-def pretend_cuda(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+def pretend_cuda(monkeypatch: pytest.MonkeyPatch, available: bool, count: int = 1) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count if available else 0)
 
 
 def test_auto_picks_the_cpu_when_torch_sees_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,6 +41,14 @@ def test_an_explicit_cuda_device_is_kept_when_torch_sees_a_gpu(
 ) -> None:
     pretend_cuda(monkeypatch, True)
     assert resolve_device(device) == device
+
+
+def test_a_cuda_index_past_the_last_gpu_is_refused_with_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    pretend_cuda(monkeypatch, True, count=2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ModelSpecError) as refused:
+        resolve_device("cuda:2")
+    assert str(refused.value).startswith("--device cuda:2: ") and "2 CUDA device(s)" in str(refused.value)
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
