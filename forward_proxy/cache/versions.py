@@ -68,7 +68,7 @@ class VersionBook:
             return Knowledge.FRESH  # re-checks off: only responses teach versions
         if known is None or now - known.confirmed_at >= self.interval:
             return Knowledge.EXPIRED
-        if now - known.confirmed_at >= self.interval / 10:
+        if now - known.confirmed_at >= self.interval / 2:
             return Knowledge.DUE
         return Knowledge.FRESH
 
