@@ -208,7 +208,12 @@ def test_a_cache_directory_made_read_only_while_running(tmp_path: Path, upstream
             _chmod_tree(cache_dir, 0o755, 0o644)
         again = range(2200, 2206)
         ask_all(proxy, upstream, again)
-        assert set(ask_all(proxy, upstream, again)) == {"HIT"}  # writable again: cached again
+        # Writable again: cached again. A store is written just after its answer leaves, so on a loaded
+        # machine a repeat can overtake it: ask again for a few seconds before calling it a failure.
+        deadline = time.monotonic() + 15
+        while (decisions := set(ask_all(proxy, upstream, again))) != {"HIT"}:
+            assert time.monotonic() < deadline, f"not cached again once writable: {decisions}"
+            time.sleep(0.5)
 
 
 @pytest.fixture
