@@ -742,12 +742,15 @@ class Cache:
             self._answer_failure(handling, "COALESCED", failure)
             return
         flow = handling.flow
-        decision = "COALESCED" if role is Role.WAITER else outcome.decision
-        from_cache = 0 if role is Role.WAITER else outcome.from_cache
+        # A waiter shares the leader's answer: COALESCED when that went upstream, a HIT like the leader's
+        # when every row came from the store (nothing was computed for anyone).
+        shared_hit = role is Role.WAITER and outcome.decision == "HIT"
+        decision = "COALESCED" if role is Role.WAITER and not shared_hit else outcome.decision
+        from_cache = 0 if role is Role.WAITER and not shared_hit else outcome.from_cache
         self._count(handling, "rows", outcome.rows)
-        if role is not Role.WAITER:
+        if role is not Role.WAITER or shared_hit:
             self._count(handling, "rows_from_cache", outcome.from_cache)
-            self._count(handling, "rows_upstream", outcome.upstream)
+            self._count(handling, "rows_upstream", 0 if shared_hit else outcome.upstream)
         if outcome.not_cached:
             missing = outcome.rows - outcome.from_cache
             flow.response = self._error(

@@ -200,6 +200,23 @@ def test_identical_concurrent_batches_share_one_answer(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_identical_concurrent_batches_of_known_rows_are_all_hits(tmp_path: Path) -> None:
+    async def scenario(cache: Cache, model: ModelUpstream) -> None:
+        await embed(cache, TEXTS[:2])
+        await cache.settled()
+        flows = await asyncio.gather(*(embed(cache, TEXTS[:2]) for _ in range(4)))
+        assert [cache_headers(flow) for flow in flows] == [("HIT", "2/2")] * 4  # none waited on a model
+        assert all(flow.response.content == direct(TEXTS[:2]) for flow in flows)
+        assert len(model.inference_calls()) == 1
+        assert counts(cache, "hits", "coalesced", "rows_from_cache") == {
+            "hits": 4,
+            "coalesced": 0,
+            "rows_from_cache": 8,
+        }
+
+    run(tmp_path, scenario)
+
+
 def test_no_cache_recomputes_every_row_and_stores_it(tmp_path: Path) -> None:
     async def scenario(cache: Cache, model: ModelUpstream) -> None:
         await embed(cache, TEXTS[:2])
