@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from forward_proxy.stats.counters import (
     COUNT_NAMES,
+    ROW_NAMES,
     SECONDS_NAMES,
     Counters,
     counter_key,
@@ -45,7 +46,7 @@ def test_snapshot_groups_by_route_and_converts_seconds() -> None:
     first = snapshot.routes[0].counts
     assert first["hits"] == 1 and first["misses"] == 0
     assert first["upstream_seconds_saved"] == pytest.approx(0.25)
-    assert set(first) == set(COUNT_NAMES) | set(SECONDS_NAMES)
+    assert set(first) == set(COUNT_NAMES) | set(SECONDS_NAMES) | set(ROW_NAMES)  # every name, 0 if unseen
     assert snapshot.total("requests") == 2
 
 
