@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -207,17 +208,23 @@ def model_upstream(work: Path) -> Iterator[int]:
 
 
 @contextmanager
-def bare_mitmdump(work: Path) -> Iterator[int]:
+def mitmdump(work: Path, name: str, *extra: str) -> Iterator[int]:
+    """`mitmdump -q` on a free loopback port with its own confdir, and `extra` arguments."""
     port = free_port()
     argv = [console_script("mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port)]
-    argv += ["--set", f"confdir={work / 'mitmdump-conf'}"]
-    process = ManagedProcess(argv, work / "mitmdump.log").start()
+    argv += ["--set", f"confdir={work / (name + '-conf')}", *extra]
+    process = ManagedProcess(argv, work / f"{name}.log").start()
     try:
         assert process.proc is not None
         wait_for_port("127.0.0.1", port, timeout=60, proc=process.proc)
         yield port
     finally:
         process.stop()
+
+
+def bare_mitmdump(work: Path) -> contextlib.AbstractContextManager[int]:
+    """mitmdump without addons: mitmproxy's own forwarding cost."""
+    return mitmdump(work, "mitmdump")
 
 
 @contextmanager
@@ -343,22 +350,11 @@ def measure(
     return results
 
 
-@contextmanager
-def cache_only_mitmdump(work: Path) -> Iterator[int]:
+def cache_only_mitmdump(work: Path) -> contextlib.AbstractContextManager[int]:
     """mitmdump with the cache addon alone: what the cache costs without the other addons."""
     script = work / "cache_only.py"
     script.write_text("from forward_proxy.cache.addon import Cache\n\naddons = [Cache()]\n")
-    port = free_port()
-    argv = [console_script("mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port)]
-    argv += ["--set", f"confdir={work / 'cache-only-conf'}", "-s", str(script)]
-    argv += ["--set", f"cache_dir={work / 'cache-only-cache'}"]
-    process = ManagedProcess(argv, work / "cache-only.log").start()
-    try:
-        assert process.proc is not None
-        wait_for_port("127.0.0.1", port, timeout=60, proc=process.proc)
-        yield port
-    finally:
-        process.stop()
+    return mitmdump(work, "cache-only", "-s", str(script), "--set", f"cache_dir={work / 'cache-only-cache'}")
 
 
 def main() -> int:
