@@ -606,6 +606,8 @@ class Cache:
         content: bytes,
     ) -> bool:
         """Answer an upstream 5xx without a JSON body as a 502 in the proxy's error shape; whether it did."""
+        if status < 500:  # every successful answer passes here: decode no headers for it
+            return False
         header = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
         if not opaque_server_error(status, header, content):
             return False
