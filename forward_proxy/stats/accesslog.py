@@ -1,6 +1,8 @@
 """The access log: one JSON line per request, with the cache's decision and never the client's address.
 
 Option `access_log`: a file path (appended to), `-` for stderr, or empty (the default) for no log.
+Option `access_log_query` (off by default): keep query strings in `path`. Off, a path keeps only a `?` where
+its query was, as Squid's `strip_query_terms` does: keys and signatures sent in URLs never reach the disk.
 
     {"time": "2026-05-09T07:36:11.123Z", "pseudonym": "c-3f9a1b2c", "method": "POST",
      "origin": "http://127.0.0.1:8000", "path": "/v1/embeddings", "status": 200, "cache": "HIT",
@@ -38,6 +40,7 @@ class AccessLog:
     def __init__(self) -> None:
         self._stream: TextIO | None = None
         self._owns_stream = False
+        self._keep_query = False
         self._lock = threading.Lock()
         self._answered_by_proxy: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._logged: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
@@ -54,7 +57,19 @@ class AccessLog:
             """,
         )
 
+        loader.add_option(
+            "access_log_query",
+            bool,
+            False,
+            """
+            Keep query strings in the access log's paths. Off (the default), "/v1/x?key=..." is written
+            "/v1/x?": keys and signatures that clients put in URLs never reach the log.
+            """,
+        )
+
     def configure(self, updated: set[str]) -> None:
+        if "access_log_query" in updated:
+            self._keep_query = ctx.options.access_log_query
         if "access_log" not in updated:
             return
         self._close()
@@ -91,7 +106,10 @@ class AccessLog:
             return  # off, or an error after the response was logged (a client gone mid-answer)
         self._logged.add(flow)
         line = json.dumps(
-            access_record(flow, answered_by_proxy=flow in self._answered_by_proxy), separators=(", ", ": ")
+            access_record(
+                flow, answered_by_proxy=flow in self._answered_by_proxy, keep_query=self._keep_query
+            ),
+            separators=(", ", ": "),
         )
         with self._lock:
             try:
@@ -106,9 +124,10 @@ class AccessLog:
 
 
 def access_record(
-    flow: http.HTTPFlow, *, answered_by_proxy: bool, now: float | None = None
+    flow: http.HTTPFlow, *, answered_by_proxy: bool, now: float | None = None, keep_query: bool = False
 ) -> dict[str, Any]:
-    """The access log line of a finished (or failed) flow, as a JSON-ready dict."""
+    """The access log line of a finished (or failed) flow, as a JSON-ready dict; `keep_query` False
+    writes the path without its query (a `?` where it was)."""
     meta: Mapping[str, Any] = flow.metadata
     request, response = flow.request, flow.response
     decision = meta.get("fp.cache")
@@ -118,7 +137,7 @@ def access_record(
         "pseudonym": meta.get("fp.pseudonym"),
         "method": request.method,
         "origin": meta.get("fp.origin") or f"{request.scheme}://{request.host}:{request.port}",
-        "path": request.path,
+        "path": request.path if keep_query else strip_query(request.path),
         "status": response.status_code if response is not None else None,
         "cache": decision,
         "key": meta.get("fp.key_id"),
@@ -135,6 +154,16 @@ def access_record(
     if flow.error is not None:
         record["error"] = flow.error.msg
     return record
+
+
+def strip_query(path: str) -> str:
+    """`path` without its query string, a `?` left where it was.
+
+    >>> strip_query("/v1/embeddings?key=secret"), strip_query("/v1/embeddings")
+    ('/v1/embeddings?', '/v1/embeddings')
+    """
+    before, mark, _ = path.partition("?")
+    return before + mark
 
 
 def _upstream_seconds(flow: http.HTTPFlow, decision: str | None, answered_by_proxy: bool) -> float | None:

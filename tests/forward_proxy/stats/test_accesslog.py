@@ -138,10 +138,21 @@ def test_forward_proxy_run_writes_one_line_per_request(tmp_path: Path) -> None:
     path = tmp_path / "access.jsonl"
     with Upstream() as upstream, start_proxy(tmp_path, "--access-log", str(path)) as proxy:
         session = proxy.session()
-        assert session.get(upstream.url("/hello?x=1"), timeout=30).status_code == 200
+        assert session.get(upstream.url("/hello?key=sk-secret-1"), timeout=30).status_code == 200
         assert session.post(upstream.url("/other"), json={"a": 1}, timeout=30).status_code == 200
     first, second = _lines(path)
-    assert (first["method"], first["path"], first["status"]) == ("GET", "/hello?x=1", 200)
+    assert (first["method"], first["path"], first["status"]) == ("GET", "/hello?", 200)
+    assert "sk-secret-1" not in path.read_text()  # query strings are stripped by default
     assert first["origin"] == upstream.origin
     assert (second["method"], second["path"]) == ("POST", "/other")
     assert "127.0.0.1" not in path.read_text().replace(upstream.origin, "")
+
+
+@pytest.mark.integration
+def test_access_log_query_keeps_query_strings(tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    options = ("--access-log", str(path), "--set", "access_log_query=true")
+    with Upstream() as upstream, start_proxy(tmp_path, *options) as proxy:
+        assert proxy.session().get(upstream.url("/hello?x=1"), timeout=30).status_code == 200
+    [line] = _lines(path)
+    assert line["path"] == "/hello?x=1"
