@@ -40,9 +40,56 @@ def test_the_identity_list_covers_the_issue() -> None:
         "fastly-client-ip",
         "x-cluster-client-ip",
         "via",
+        "x-forwarded-client-cert",
+        "x-original-forwarded-for",
+        "x-envoy-external-address",
+        "forwarded-for",
+        "x-forwarded",
+        "x-proxyuser-ip",
+        "x-azure-clientip",
+        "x-appengine-user-ip",
+        "x-remote-addr",
     }
-    assert {name.lower() for name in IDENTITY_HEADERS} == expected
+    assert expected <= {name.lower() for name in IDENTITY_HEADERS}
     assert {name.lower() for name in PROXY_HEADERS} == {"proxy-authorization", "proxy-connection"}
+
+
+# Names no list holds: the rule of IDENTITY_PATTERNS catches them; underscores read as dashes.
+BY_THE_RULE = [
+    "X_Forwarded_For",
+    "x_real_ip",
+    "X-Forwarded-Client-Cert-Chain",
+    "CF-Connecting-IPv6",
+    "X-Akamai-Client-IP",
+    "X-Ssl-Client-Dn",
+    "X-Custom-Real-IP",
+    "X-Upstream-Remote-Addr",
+    "Proxy-Client-Cert",
+]
+NOT_IDENTITY = [
+    "Accept",
+    "Content-Type",
+    "Authorization",
+    "X-Api-Key",
+    "OpenAI-Organization",
+    "User-Agent",
+    "X-Request-Id",
+    "X-Client-Pseudonym-Other",
+    "Accept-Encoding",
+]
+
+
+@pytest.mark.parametrize("name", [*IDENTITY_HEADERS, *BY_THE_RULE])
+def test_every_identity_header_is_removed_also_with_underscores(name: str) -> None:
+    for spelling in (name, name.replace("-", "_"), name.upper()):
+        h = headers((spelling, "10.9.8.7"), ("Accept", "*/*"))
+        Masking("delete").apply(h, client="127.0.0.2")
+        assert list(h.keys()) == ["Accept"], spelling
+
+
+@pytest.mark.parametrize("name", NOT_IDENTITY)
+def test_headers_without_client_identity_pass(name: str) -> None:
+    assert not masking.is_identity_header(name)
 
 
 def test_delete_removes_every_identity_and_proxy_header() -> None:
