@@ -17,10 +17,12 @@ from forward_proxy.policy.addon import ClientAccess, EgressGuard
 from forward_proxy.policy.connections import ConnectionLimit
 from forward_proxy.privacy.addon import Privacy
 from forward_proxy.protocolerrors import ProtocolErrors
+from forward_proxy.sockets import Sockets
 from forward_proxy.stats.accesslog import AccessLog
 from forward_proxy.stats.admin import AdminListener
 
 addons: list[object] = [
+    Sockets(),  # TCP_NODELAY and quick ACKs on every connection: no 40 ms delayed-ACK stall
     ProtocolErrors(),  # mitmproxy's own refusals (malformed requests, body_size_limit) as JSON errors
     ClientAccess(),  # who may connect (allow_clients); proxy auth failures as JSON
     ConnectionLimit(),  # how many may be connected at once (max_client_connections)
