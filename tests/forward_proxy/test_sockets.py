@@ -27,7 +27,7 @@ from tests.support.upstream import Reply, Upstream
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_QUICKACK is Linux only")
 
-PROBE = '''
+PROBE = """
 import json, socket
 from forward_proxy import sockets
 
@@ -47,7 +47,7 @@ class Probe:
         flow.response.headers["X-Socket-Probe"] = json.dumps(report)
 
 addons = [Probe()]
-'''
+"""
 
 
 async def loopback_pair() -> tuple[asyncio.StreamWriter, asyncio.StreamReader, socket.socket, asyncio.Server]:
