@@ -1,10 +1,18 @@
-"""The one error shape every response of the model server uses.
+"""The error shapes of the model server: one per protocol, chosen by the route.
+
+Everywhere but `/v2`:
 
     {"error": {"code": "<snake_case>", "message": "<what happened and what to fix>", ...}}
 
-Optional fields (`param`, `expected`, `limit`, ...) add what a program needs to react. `ApiError` is a
-Starlette `HTTPException` so that it passes unchanged through FastAPI's body reading (where the body
-size limit raises it) and reaches the one handler that renders it.
+Optional fields (`param`, `expected`, `limit`, ...) add what a program needs to react. Under `/v2`, the
+Open Inference Protocol (KServe v2) prescribes a bare string, which Triton's and KServe's clients read:
+
+    {"error": "<what happened and what to fix>"}
+
+with Triton's status codes (400 for every invalid request, where FastAPI would say 422). The request log
+records the `code` either way. `ApiError` is a Starlette `HTTPException` so that it passes unchanged
+through FastAPI's body reading (where the body size limit raises it) and reaches the one handler that
+renders it.
 """
 
 from __future__ import annotations
@@ -36,8 +44,26 @@ def error_body(code: str, message: str, **fields: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **fields}}
 
 
-def error_response(error: ApiError) -> JSONResponse:
+KSERVE_PREFIX = "/v2"
+
+
+def is_kserve_path(path: str) -> bool:
+    """Whether a request path is one of the Open Inference Protocol's routes."""
+    return path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/")
+
+
+def kserve_status(status: int) -> int:
+    """Triton's status for an error: an invalid request is 400 there, never 422."""
+    return 400 if status == 422 else status
+
+
+def error_response(error: ApiError, path: str = "") -> JSONResponse:
+    """The error in the shape of the protocol that `path` belongs to."""
     headers = {"Retry-After": "1"} if error.status_code == 503 else None
+    if is_kserve_path(path):
+        return JSONResponse(
+            {"error": error.message}, status_code=kserve_status(error.status_code), headers=headers
+        )
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
@@ -93,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     def respond(request: Request, error: ApiError) -> JSONResponse:
         annotate(request, error=error.code)
-        return error_response(error)
+        return error_response(error, request.scope["path"])
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -3,7 +3,8 @@
 - every response, errors and 404s included, carries `X-Model-Version` (the deployment version);
 - a body larger than `max_body_bytes` is refused with 413 (by its Content-Length before reading it,
   or while it streams in);
-- a body that is not JSON is refused with 415; a body without a Content-Type is read as JSON;
+- a body that is not JSON is refused with 415, unless it is a KServe binary tensor request (header
+  `Inference-Header-Content-Length`, any Content-Type); a body without a Content-Type is read as JSON;
 - an unexpected exception becomes a 500 in the one error shape, and the server stays up;
 - one log line per request (`requestlog`), with the client's pseudonym and never its address.
 """
@@ -17,8 +18,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_api import requestlog
-from model_api.errors import ApiError, error_response
+from model_api.errors import ApiError, error_response, is_kserve_path
 from model_api.settings import Settings
+from model_api.tensors import BINARY_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class RequestMiddleware:
             return self._too_large(int(length))
         has_body = (length is not None and length != "0") or "transfer-encoding" in headers
         content_type = headers.get("content-type")
+        if BINARY_HEADER in headers and is_kserve_path(scope["path"]):
+            return None  # JSON then raw tensors: the route reads and checks both
         if has_body and content_type is None:
             scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
         elif has_body and content_type is not None and not _is_json(content_type):
@@ -56,7 +60,7 @@ class RequestMiddleware:
                 415,
                 "unsupported_media_type",
                 f"The body is {content_type}; send JSON with Content-Type: application/json "
-                "(the binary tensor extension is not supported).",
+                f"(or, to /v2, JSON then raw tensors with the header {BINARY_HEADER}).",
             )
         return None
 
@@ -103,7 +107,7 @@ class RequestMiddleware:
             refusal = self._refusal(scope, headers)
             if refusal is not None:
                 fields["error"] = refusal.code
-                await error_response(refusal)(scope, receive, send_with_version)
+                await error_response(refusal, scope["path"])(scope, receive, send_with_version)
             else:
                 await self.app(scope, limited_receive, send_with_version)
         except Exception as error:
@@ -116,7 +120,7 @@ class RequestMiddleware:
                 )
             fields["error"] = failure.code
             if not response_started:
-                await error_response(failure)(scope, receive, send_with_version)
+                await error_response(failure, scope["path"])(scope, receive, send_with_version)
         finally:
             requestlog.write(
                 {

@@ -91,7 +91,7 @@ def test_a_model_without_batch_dimension_runs_whole_requests(client: TestClient)
     wrong = dict(
         body, inputs=[{"name": "matrix", "datatype": "FP32", "shape": [1, 2, 2], "data": [1, 2, 3, 4]}]
     )
-    assert client.post("/v2/models/trace/infer", json=wrong).json()["error"]["expected"] == [2, 2]
+    assert "expected [2, 2]" in client.post("/v2/models/trace/infer", json=wrong).json()["error"]
     assert client.get("/stats").json()["models"]["trace"]["rows"] == 1
 
 

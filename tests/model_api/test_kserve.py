@@ -34,7 +34,7 @@ def test_server_metadata_and_health(client: requests.Session, server: Server) ->
     assert client.get(f"{server.url}/v2").json() == {
         "name": "model-api",
         "version": "0.1.0",
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }
     assert client.get(f"{server.url}/v2/health/live").json() == {"live": True}
     assert client.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
