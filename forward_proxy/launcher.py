@@ -233,6 +233,13 @@ async def serve(
         return 2
     if check_only:
         return opts.listen_host, opts.listen_port
+    if worker is None and (taken := _port_taken(opts.listen_host, opts.listen_port)):
+        print(
+            f"forward-proxy run: cannot listen on {opts.listen_host or '0.0.0.0'}:{opts.listen_port} ({taken}); "
+            "choose another port with --listen-port, or stop what holds it.",
+            file=sys.stderr,
+        )
+        return 1
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -245,6 +252,29 @@ async def serve(
     loop.set_exception_handler(_quiet_cancellations)
     print("forward-proxy stopped", flush=True)
     return 0
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (bound as asyncio's servers bind it), None when it can.
+
+    Checked before mitmproxy starts, so the message names the flag that fixes it; mitmproxy would
+    refuse it too, without saying how."""
+    import socket
+
+    if not port:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None  # mitmproxy reports an unknown host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
 
 
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -261,6 +291,9 @@ class Announce:
     def running(self) -> None:
         from mitmproxy import ctx
 
+        admin: Any = ctx.master.addons.get("adminlistener")
+        if admin is not None and ctx.options.admin_port and admin.server is None:
+            return  # its error names the port; mitmproxy's error check then ends the process (exit 1)
         addresses = []
         proxyserver: Any = ctx.master.addons.get("proxyserver")
         if proxyserver is not None and hasattr(proxyserver, "listen_addrs"):
