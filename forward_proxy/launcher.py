@@ -215,12 +215,13 @@ async def serve(
     from mitmproxy import exceptions, options, optmanager
 
     from forward_proxy import addons
+    from forward_proxy.gctuning import GcTuning
     from forward_proxy.stopping import GracefulStop
 
     opts = options.Options()
     master = forward_proxy_master(opts)
     stopping = GracefulStop()
-    master.addons.add(*addons.addons, Announce(worker), stopping)
+    master.addons.add(*addons.addons, Announce(worker), stopping, GcTuning())
     if list_options:
         optmanager.dump_defaults(opts, sys.stdout)
         return 0
