@@ -25,6 +25,7 @@ SERVE_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "max_inputs": (("--max-inputs",), {"type": int, "metavar": "N"}),
     "max_text_chars": (("--max-text-chars",), {"type": int, "metavar": "N"}),
     "max_body_bytes": (("--max-body-bytes",), {"type": int, "metavar": "BYTES"}),
+    "accept_token_ids": (("--accept-token-ids",), {"action": argparse.BooleanOptionalAction}),
     "client_pseudonym_header": (("--client-pseudonym-header",), {"metavar": "NAME"}),
     "log_level": (("--log-level",), {"choices": ["debug", "info", "warning", "error"]}),
 }

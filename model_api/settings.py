@@ -71,6 +71,14 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes (larger: 413)."
     )
+    accept_token_ids: bool = Field(
+        False,
+        description=(
+            "Accept token ids as /v1/embeddings 'input', read as ids of the served model's own tokenizer. "
+            "Off: they are refused with 400, since ids of another tokenizer (LangChain sends tiktoken's by "
+            "default) cannot be told apart and would embed as a wrong vector."
+        ),
+    )
     client_pseudonym_header: str = Field(
         "X-Client-Pseudonym",
         min_length=1,

@@ -1,8 +1,11 @@
 """The OpenAI embeddings API: `POST /v1/embeddings`, `GET /v1/models`, `GET /v1/models/{id}`.
 
-`input` is a string, a list of strings, a list of token ids or a list of such lists. Token ids are the
-served model's own vocabulary ids, used as given (a tokenizer's output, special tokens included): they
-are not OpenAI's tiktoken ids. Vectors leave as JSON floats or, with `encoding_format: "base64"`, as the
+`input` is a string, a list of strings, a list of token ids or a list of such lists. Token ids are
+refused by default (400 `token_ids_not_accepted`): ids of another tokenizer (LangChain's OpenAIEmbeddings
+sends tiktoken's cl100k ids unless `check_embedding_ctx_length=False`) look exactly like the served
+model's own and would embed as a silently wrong vector. With `accept_token_ids` (`--accept-token-ids`)
+they are read as the served model's own vocabulary ids, used as given (a tokenizer's output, special
+tokens included). Vectors leave as JSON floats or, with `encoding_format: "base64"`, as the
 base64 of little-endian float32 bytes (what the official SDK asks for by default). `dimensions` keeps
 the first N components and rescales the vector to unit length, as OpenAI's v3 models do.
 """
@@ -105,6 +108,17 @@ def _rows(request: EmbeddingRequest, model: EmbeddingModel, settings: Settings) 
         )
     for index, row in enumerate(rows):
         param = "input" if single else f"input[{index}]"
+        if isinstance(row, list) and row and not settings.accept_token_ids:
+            raise ApiError(
+                400,
+                "token_ids_not_accepted",
+                f"'{param}' is a list of token ids, which this server refuses: ids of another tokenizer "
+                f"(such as tiktoken's, which LangChain's OpenAIEmbeddings sends by default) cannot be told "
+                f"apart from those of {model.name}'s own tokenizer and would embed as a wrong vector. "
+                "Send the text instead (LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False)); "
+                "ids of this model's own tokenizer are accepted when the server runs with --accept-token-ids.",
+                param=param,
+            )
         if not row:
             raise ApiError(
                 400, "empty_input", f"'{param}' is empty; every input needs some text.", param=param

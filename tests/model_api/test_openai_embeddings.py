@@ -73,21 +73,6 @@ def test_vectors_agree_with_sentence_transformers_encode(client: requests.Sessio
     assert np.allclose(served, reference, atol=1e-5)
 
 
-def test_token_ids_embed_like_the_text_they_encode(client: requests.Session, server: Server) -> None:
-    from transformers import AutoTokenizer
-
-    from model_api.models.registry import bundled_minilm_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()), local_files_only=True)
-    texts = ["hello world", "Token ids are accepted too."]
-    ids = [tokenizer(text)["input_ids"] for text in texts]
-    by_text = embed(client, server, texts)
-    by_ids = embed(client, server, ids)
-    single = embed(client, server, ids[0])
-    assert np.allclose(by_text, by_ids, atol=1e-6)
-    assert np.allclose(single[0], by_text[0], atol=1e-6)
-
-
 def test_usage_counts_the_tokens_the_model_read(client: requests.Session, server: Server) -> None:
     response = client.post(
         f"{server.url}/v1/embeddings", json={"input": ["hello world", "hi"], "model": MODEL}
