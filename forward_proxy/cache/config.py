@@ -102,7 +102,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "cache_partition_headers",
         Sequence[str],
         [],
-        "Credential headers that partition the cache by tenant, besides Authorization and X-Api-Key.",
+        "Credential headers that partition the cache by tenant, besides the credential headers of the common "
+        "model APIs (docs/privacy.md lists them: Authorization, X-Api-Key, Api-Key, X-Goog-Api-Key, "
+        "OpenAI-Organization, OpenAI-Project, Cookie, ...).",
     ),
     OptionSpec(
         "cache_partition_secret",

@@ -2,7 +2,8 @@
 
 The key covers the method, scheme, host, port, path, canonical query and canonical body, the request
 headers that change the answer (Content-Type, Accept and configured ones), the credential partition
-(an HMAC of Authorization, X-Api-Key and configured headers: tenants never share entries), the
+(an HMAC of every credential header of the common model APIs, `credentials.py`, and configured ones:
+tenants never share entries), the
 `X-Cache-Namespace` header and the upstream's deployment version. It is an HMAC under the proxy's
 secret, so nobody without the secret can compute the key of a guessed request; `key_id` is its first
 16 hex digits (the `X-Cache-Key` header), which reveals nothing about the request.
@@ -21,8 +22,10 @@ import hmac
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from forward_proxy.cache.credentials import DEFAULT_PARTITION_HEADERS
+
 KEY_HEADERS = ("host", "content-type", "accept")
-PARTITION_HEADERS = ("authorization", "x-api-key")
+PARTITION_HEADERS = DEFAULT_PARTITION_HEADERS  # the credential headers of the common model APIs
 NAMESPACE_HEADER = "x-cache-namespace"
 _PREFIX = "fp1:"  # bump when the key material changes, so old entries are never misread
 
@@ -57,7 +60,7 @@ def _normalise(name: str, value: str | None) -> str:
 
 
 def partition(get: Callable[[str], str | None], extra: Sequence[str], secret: bytes) -> str:
-    """HMAC of the credential headers (Authorization, X-Api-Key and `extra`); "" if none."""
+    """HMAC of the credential headers (`credentials.DEFAULT_PARTITION_HEADERS` and `extra`); "" if none."""
     names = dict.fromkeys((*PARTITION_HEADERS, *(name.lower() for name in extra)))
     credentials = [(name, value) for name in names if (value := get(name)) is not None]
     if not credentials:

@@ -179,3 +179,16 @@ def test_query_order_does_not_matter(pairs: list[tuple[str, str]], random: Any) 
     shuffled = list(pairs)
     random.shuffle(shuffled)
     assert canonical_query(urlencode(pairs)) == canonical_query(urlencode(shuffled))
+
+
+@pytest.mark.parametrize(
+    "name", ["api-key", "x-goog-api-key", "openai-organization", "openai-project", "cookie", "x-api-key"]
+)
+def test_every_common_credential_header_partitions_the_cache_by_default(name: str) -> None:
+    """Azure's api-key, Google's key, OpenAI's organisation and project, cookies: a client without the
+    credential, or with another one, never shares the entry a credential bought."""
+    secret = b"s" * 32
+    with_a = partition({name: "tenant-a"}.get, (), secret)
+    with_b = partition({name: "tenant-b"}.get, (), secret)
+    assert "" != with_a != with_b != ""
+    assert partition({}.get, (), secret) == ""
