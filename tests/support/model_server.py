@@ -48,15 +48,18 @@ def start_model_api(
     port: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
+    chat: bool = False,
 ) -> tuple[ManagedProcess, str]:
     """Start `model-api serve` on a free loopback port; return it and its base URL once ready.
 
     `extra_args` are `serve` options (`--model NAME=SOURCE`, `--no-batching`, ...). The caller stops the
-    process (`process.stop()`), or uses `running_model_api` which does.
+    process (`process.stop()`), or uses `running_model_api` which does. The chat model (seconds to load)
+    is left out (`--no-chat`) unless `chat` is true or `extra_args` say `--chat`.
     """
     port = port or free_port(host)
     base_url = f"http://{host}:{port}"
-    argv = [model_api_command(), "serve", "--host", host, "--port", str(port), *extra_args]
+    chat_args = [] if chat or "--chat" in extra_args or "--no-chat" in extra_args else ["--no-chat"]
+    argv = [model_api_command(), "serve", "--host", host, "--port", str(port), *chat_args, *extra_args]
     process = ManagedProcess(argv, work_dir / f"model-api-{port}.log", env).start()
     try:
         wait_for_http(f"{base_url}/v2/health/ready", timeout=timeout, proc=process.proc)
@@ -75,9 +78,10 @@ def running_model_api(
     host: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
+    chat: bool = False,
 ) -> Iterator[str]:
     """The base URL of a model server that is stopped (by PID) when the block ends."""
-    process, base_url = start_model_api(work_dir, *extra_args, host=host, env=env, timeout=timeout)
+    process, base_url = start_model_api(work_dir, *extra_args, host=host, env=env, timeout=timeout, chat=chat)
     try:
         yield base_url
     finally:
