@@ -16,9 +16,10 @@ One run measures, on 127.0.0.1 with keep-alive connections and every process sto
                     proxy's garbage-collector tuning on (the default) and off (`gc_tuning=false`),
                     interleaved rounds
     peers           an 85-byte answer from a trivial upstream through `forward-proxy run` (hit), bare
-                    `mitmdump`, Squid (forwarding), nginx caching POSTs (reverse: the hit's physical
-                    limit) and LiteLLM's cache, each where installed; a raw keep-alive client and a
-                    `requests` Session, p50
+                    `mitmdump`, Squid (forwarding) and nginx caching POSTs (reverse: the hit's
+                    physical limit), each where installed; a raw keep-alive client and a `requests`
+                    Session, p50 (LiteLLM's cache, an OpenAI gateway with its own configuration, is
+                    not run by this script)
 
 then prints the ratios the targets are about (issue 13):
 
