@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from tests.support.processes import ManagedProcess, console_script, free_port
+from tests.support.processes import REPO, ManagedProcess, console_script, free_port
 
 READY_LINE = "forward-proxy listening on"
 
@@ -71,6 +71,12 @@ class RunningProxy:
         self.stop()
 
 
+def proxy_command() -> str:
+    """The `forward-proxy` of the proxy environment, also when the tests run in `.venv-model` (no mitmproxy)."""
+    preferred = REPO / ".venv" / "bin" / "forward-proxy"
+    return str(preferred) if preferred.exists() else console_script("forward-proxy")
+
+
 def start_proxy(
     tmp_path: Path,
     *extra_args: str,
@@ -87,7 +93,7 @@ def start_proxy(
     port = free_port(host)
     argv = [
         *wrapper,
-        console_script("forward-proxy"),
+        proxy_command(),
         "run",
         "--listen-host",
         host,
