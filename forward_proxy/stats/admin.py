@@ -23,6 +23,7 @@ from mitmproxy import ctx, exceptions
 
 from forward_proxy.cache.config import CacheConfig
 from forward_proxy.policy.clients import DEFAULT_CLIENT_NETWORKS, ClientNetworks
+from forward_proxy.stats.counters import LabelBounds, set_label_bounds
 from forward_proxy.stats.report import read_report
 from forward_proxy.stats.server import LOOPBACK_HOSTS, AdminAccess, AdminServer
 from forward_proxy.store.backend import open_backend
@@ -68,6 +69,42 @@ class AdminListener:
             "Address of the admin listener. Keep it on loopback unless its statistics may be public.",
         )
         loader.add_option(
+            "stats_max_label_length",
+            int,
+            LabelBounds.max_length,
+            "Longest origin, route or model label the statistics keep; longer ones are cut (ending in ~).",
+        )
+        loader.add_option(
+            "stats_max_origins",
+            int,
+            LabelBounds.max_origins,
+            "Origins the statistics count apart; more are counted under the origin 'other'.",
+        )
+        loader.add_option(
+            "stats_max_routes",
+            int,
+            LabelBounds.max_routes,
+            "Routes per origin the statistics count apart; more are counted under the route 'other'.",
+        )
+        loader.add_option(
+            "stats_max_models",
+            int,
+            LabelBounds.max_models,
+            """
+            Models per origin and route the statistics count apart (the model comes from request
+            bodies: any client can invent one); more are counted under the model 'other'.
+            """,
+        )
+        loader.add_option(
+            "stats_count_unanswered_origins",
+            bool,
+            False,
+            """
+            Count origins where no upstream ever answered (closed ports, refused or unreachable hosts).
+            Off (the default), their requests are not counted until an upstream answers there.
+            """,
+        )
+        loader.add_option(
             "admin_allow_clients",
             Sequence[str],
             [],
@@ -100,6 +137,11 @@ class AdminListener:
         )
 
     def configure(self, updated: set[str]) -> None:
+        for name in _BOUND_OPTIONS:
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name}: give 1 or more.")
+        if self._running and updated & {*_BOUND_OPTIONS, "stats_count_unanswered_origins"}:
+            set_label_bounds(_label_bounds())
         if "admin_port" in updated and not 0 <= ctx.options.admin_port <= 65535:
             raise exceptions.OptionsError(
                 f"admin_port: {ctx.options.admin_port} is not a port; give 1-65535, or 0 to turn it off."
@@ -119,10 +161,12 @@ class AdminListener:
 
     def running(self) -> None:
         self._running = True
+        set_label_bounds(_label_bounds())  # every Counters of this process (the cache's) applies them
         self._start()
 
     def done(self) -> None:
         self._running = False
+        set_label_bounds(LabelBounds())
         self._stop()
 
     def _start(self) -> None:
@@ -160,6 +204,20 @@ class AdminListener:
             for store in self._stores:
                 store.close()
             self._stores = None
+
+
+_BOUND_OPTIONS = ("stats_max_label_length", "stats_max_origins", "stats_max_routes", "stats_max_models")
+
+
+def _label_bounds() -> LabelBounds:
+    options = ctx.options
+    return LabelBounds(
+        max_length=max(2, options.stats_max_label_length),
+        max_origins=options.stats_max_origins,
+        max_routes=options.stats_max_routes,
+        max_models=options.stats_max_models,
+        hold_unanswered=not options.stats_count_unanswered_origins,
+    )
 
 
 def _access(host: str) -> AdminAccess:

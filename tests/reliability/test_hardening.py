@@ -1,0 +1,81 @@
+"""Hardening (issue 12) outside the cache core, against a real `forward-proxy run` on loopback: bounded
+statistics under invented labels, CONNECT failures in the JSON error shape, and start-up that never
+announces a port it does not serve."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.processes import free_port
+from tests.support.proxy import start_proxy
+from tests.support.upstream import Upstream
+
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _admin_get(port: int, path: str) -> bytes:
+    with _NO_PROXY.open(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+        return bytes(response.read())
+
+
+def _embed(session: requests.Session, url: str, model: str, text: str) -> int:
+    return session.post(url, json={"model": model, "input": [text]}, timeout=30).status_code
+
+
+def _settled_metrics(admin_port: int, requests_expected: int) -> bytes:
+    """/metrics once the proxy's buffered counters reached the store (they flush every 0.25 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        report = json.loads(_admin_get(admin_port, "/stats"))
+        if report["requests"] >= requests_expected or time.monotonic() > deadline:
+            return _admin_get(admin_port, "/metrics")
+        time.sleep(0.2)
+
+
+def _models(metrics: bytes) -> set[str]:
+    return {model.decode() for model in re.findall(rb'model="([^"]*)"', metrics)}
+
+
+@pytest.mark.slow
+def test_invented_model_names_and_dead_origins_keep_the_statistics_small(tmp_path: Path) -> None:
+    admin_port = free_port()
+    cache_dir = tmp_path / "cache"
+    closed = f"http://127.0.0.1:{free_port()}/v1/embeddings"  # nobody listens there
+    with Upstream() as upstream:
+        url = upstream.url("/v1/embeddings")
+        with start_proxy(tmp_path, "--admin-port", str(admin_port), cache_dir=cache_dir) as proxy:
+            session = proxy.session()
+            for serial in range(3000):
+                assert _embed(session, url, f"model-{serial}", "same text") == 200
+            long_name = "m" * 10_000
+            for serial in range(500):
+                assert _embed(session, url, f"{long_name}-{serial}", "same text") == 200
+            for serial in range(20):
+                assert _embed(session, closed, f"dead-{serial}", "x") >= 500
+            metrics = _settled_metrics(admin_port, 3500)
+            report = json.loads(_admin_get(admin_port, "/stats"))
+        print(f"/metrics after 3,500 invented model names: {len(metrics)} bytes")
+        assert len(metrics) < 100_000, len(metrics)  # 92 MB per scrape before the bounds
+        models = _models(metrics)
+        assert len(models) <= 20 + 1 and "other" in models, sorted(models)[:30]
+        assert max(len(m) for m in models) <= 100
+        assert report["requests"] >= 3500  # every request is still counted, some under "other"
+        assert closed.rsplit("/v1", 1)[0] not in json.dumps(report)  # no upstream ever answered there
+
+        # Across a restart, the store's labels count towards the bounds: new names are "other" too.
+        with start_proxy(tmp_path, "--admin-port", str(admin_port), cache_dir=cache_dir) as proxy:
+            session = proxy.session()
+            for serial in range(50):
+                assert _embed(session, url, f"after-restart-{serial}", "same text") == 200
+            metrics = _settled_metrics(admin_port, 3550)
+        assert not any(m.startswith("after-restart") for m in _models(metrics))
+        assert len(metrics) < 100_000
