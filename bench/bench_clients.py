@@ -19,7 +19,8 @@ One run measures, on 127.0.0.1 with keep-alive connections and every process sto
                     `mitmdump`, Squid (forwarding) and nginx caching POSTs (reverse: the hit's
                     physical limit), each where installed; a raw keep-alive client and a `requests`
                     Session, p50 (LiteLLM's cache, an OpenAI gateway with its own configuration, is
-                    not run by this script)
+                    not run by this script); then every client again through Squid, to show which
+                    ones wait for a delayed ACK with a proxy that does not acknowledge at once
 
 then prints the ratios the targets are about (issue 13):
 
@@ -224,6 +225,24 @@ CLIENTS: list[tuple[str, Callable[[], bool], str, Client]] = [
 ]
 
 
+def each_client(proxy: str, url: str, count: int, expected: str | None) -> dict[str, Timing]:
+    """Every client found here: a few requests to open its connection (and take the miss), then `count`."""
+    results: dict[str, Timing] = {}
+    for name, present, install, client in CLIENTS:
+        if not present():
+            print(f"  {name:38} not found ({install}), left out")
+            continue
+        try:
+            client(proxy, url, 5)
+            timing = client(proxy, url, count)
+        except Exception as exc:  # one client's failure must not hide the others' figures
+            print(f"  {name:38} failed: {type(exc).__name__}: {exc}")
+            continue
+        results[name] = timing
+        print(f"  {name:38} p50 {timing.p50_ms:7.2f} ms{timing.note(expected)}", flush=True)
+    return results
+
+
 # --- peers -----------------------------------------------------------------------------------------
 
 
@@ -360,6 +379,10 @@ def peer_rows(work: Path, count: int) -> None:
                 f"{raw.note(expected)}{session_timing.note(expected)}",
                 flush=True,
             )
+        squid_port = next((port for name, port, _, _ in rows if name.startswith("Squid")), None)
+        if squid_port is not None:
+            print(f"\nclients through Squid forwarding (85-byte answer), {count // 4} requests each, p50")
+            each_client(f"http://127.0.0.1:{squid_port}", url, count // 4, None)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -415,7 +438,6 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-clients-"))
     print(f"bench_clients: work directory {work}, {os.cpu_count()} CPUs", flush=True)
-    results: dict[str, Timing] = {}
     try:
         with ExitStack() as stack:
             model_process, api = start_model_api(work, "--device", "cpu", "--model", MODEL)
@@ -428,19 +450,7 @@ def main() -> int:
             proxy = stack.enter_context(start_proxy(work, cache_dir=work / "clients-cache"))
             url = f"{api}{PATH}"
             print(f"\nclients: the same MiniLM request through forward-proxy run, {count} hits each, p50")
-            for name, present, install, client in CLIENTS:
-                if not present():
-                    print(f"  {name:38} not found ({install}), left out")
-                    continue
-                try:
-                    client(proxy.url, url, 5)  # its own first request may be a miss; connections open
-                    timing = client(proxy.url, url, count)
-                except Exception as exc:  # one client's failure must not hide the others' figures
-                    print(f"  {name:38} failed: {type(exc).__name__}: {exc}")
-                    continue
-                results[name] = timing
-                print(f"  {name:38} p50 {timing.p50_ms:7.2f} ms{timing.note()}", flush=True)
-
+            results = each_client(proxy.url, url, count, "HIT")
             print(f"\ntail: 16 clients at once, the MiniLM hit (8 KB answer), {tail_rounds} x {tail_total}")
             tails = tail(work, upstream, tail_total, tail_rounds)
             for setting, values in tails.items():
