@@ -23,8 +23,8 @@ when an upgrade moves it, the addon logs one warning and the proxy runs as befor
 and `tests/forward_proxy/test_sockets.py` fails.
 
 Other systems: `TCP_QUICKACK` exists on Linux only; elsewhere the addon sets `TCP_NODELAY` and nothing
-else (a client with Nagle on may then wait for the delayed ACK, 40 ms on Linux peers, up to 200 ms on
-macOS and Windows).
+else (a client with Nagle on may then wait for the system's delayed ACK, commonly 40 to 200 ms; such
+clients should turn Nagle off themselves, see docs/client.md).
 """
 
 from __future__ import annotations
