@@ -5,7 +5,8 @@ line or header, a body over `body_size_limit`) and answers when it cannot reach 
 the cache does not handle. It writes those answers with `make_error_response`, an HTML page. This addon
 replaces that function, for as long as it is loaded, with one that writes the same status with
 `Content-Type: application/json` and `{"error": {"code", "message", "status"}}`, so a client gets one error
-shape whoever answered.
+shape whoever answered. A failed `CONNECT` (an unreachable target, or the proxy's own port) does have a
+hook, `http_connect_error`: there the plain-text answer becomes `upstream_unreachable` or `proxy_loop`.
 
 mitmproxy offers no hook for this (its error pages are built inside the protocol layer), so the addon
 swaps the module attribute the layer calls. Where a mitmproxy version lacks it, the addon logs that once
@@ -21,7 +22,7 @@ from typing import Any
 from mitmproxy import http, version
 from mitmproxy.net.http import http1
 
-from forward_proxy.errors import error_body
+from forward_proxy.errors import error_body, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,19 @@ def json_error_response(status_code: int, message: str = "") -> bytes:
     return http1.assemble_response(response)
 
 
+def _connect_failure(text: str) -> str:
+    """The cause in mitmproxy's "Cannot connect to HOST: CAUSE If you plan to ..." text.
+
+    >>> _connect_failure("Cannot connect to 127.0.0.1:1: [Errno 111] Connect call failed "
+    ...                  "('127.0.0.1', 1) If you plan to redirect requests away ...")
+    "[Errno 111] Connect call failed ('127.0.0.1', 1)"
+    """
+    cause = text.split(" If you plan to", 1)[0].strip()
+    if cause.startswith("Cannot connect to "):
+        cause = cause.removeprefix("Cannot connect to ").split(": ", 1)[-1]
+    return cause.strip() or "no answer"
+
+
 class ProtocolErrors:
     """Answers mitmproxy's own HTTP/1 refusals in the JSON error shape instead of HTML."""
 
@@ -77,6 +91,28 @@ class ProtocolErrors:
         if current is not json_error_response:
             self._original = current
             _http1.make_error_response = json_error_response  # type: ignore[attr-defined]
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT that failed (unreachable target, the proxy's own port) in the JSON shape; mitmproxy
+        writes those as plain text. Answers an addon already wrote in JSON (egress, auth) stay."""
+        response = flow.response
+        if response is None or response.headers.get("content-type", "").startswith("application/json"):
+            return
+        target = f"{flow.request.host}:{flow.request.port}"
+        cause = _connect_failure(response.get_text(strict=False) or "")
+        if "destination unknown" in cause:  # mitmproxy was asked to connect to itself
+            code = "proxy_loop"
+            message = (
+                f"{target} is this proxy itself; a CONNECT through the proxy to its own port would loop. "
+                "Ask for the upstream's address instead."
+            )
+        else:
+            code = "upstream_unreachable"
+            message = (
+                f"The proxy could not connect to {target} ({cause}). Check that the upstream is running "
+                "and reachable from the proxy."
+            )
+        flow.response = error_response(response.status_code, code, message, upstream=target)
 
     def done(self) -> None:
         if self._original is None:

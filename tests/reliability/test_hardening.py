@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -13,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.processes import free_port
-from tests.support.proxy import start_proxy
+from tests.support.processes import console_script, free_port
+from tests.support.proxy import READY_LINE, RunningProxy, start_proxy
 from tests.support.upstream import Upstream
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -79,3 +81,63 @@ def test_invented_model_names_and_dead_origins_keep_the_statistics_small(tmp_pat
             metrics = _settled_metrics(admin_port, 3550)
         assert not any(m.startswith("after-restart") for m in _models(metrics))
         assert len(metrics) < 100_000
+
+
+def _connect(proxy: RunningProxy, target: str) -> tuple[str, dict[str, str], bytes]:
+    """A raw CONNECT to `target`; the status line, the headers and the body of the proxy's answer."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=30) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", "0")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return lines[0], headers, body
+
+
+def test_connect_failures_are_answered_in_the_json_error_shape(tmp_path: Path) -> None:
+    unreachable = f"127.0.0.1:{free_port()}"  # nobody listens there
+    with start_proxy(tmp_path) as proxy:
+        for target, code in (
+            (unreachable, "upstream_unreachable"),
+            (f"127.0.0.1:{proxy.port}", "proxy_loop"),
+        ):
+            status, headers, body = _connect(proxy, target)
+            assert status.startswith("HTTP/1.1 502"), (target, status, body)
+            assert headers["content-type"] == "application/json", (target, body)
+            error = json.loads(body)["error"]
+            assert error["code"] == code and target in error["message"], error
+            assert "connection_strategy" not in error["message"]
+        assert proxy.process.proc is not None and proxy.process.proc.poll() is None
+
+
+def test_a_taken_listen_port_stops_forward_proxy_run_before_it_says_it_listens(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                console_script("forward-proxy"),
+                "run",
+                "--listen-port",
+                str(port),
+                "--cache-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert READY_LINE not in output
+    assert f"127.0.0.1:{port}" in output and "--listen-port" in output, output

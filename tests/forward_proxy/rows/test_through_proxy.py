@@ -83,7 +83,9 @@ def digits(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_api(work: Path, digits: Path) -> Iterator[ModelApi]:
-    process, url = start_model_api(work, "--device", "cpu", "--model", MODEL, "--model", f"{DIGITS}={digits}")
+    process, url = start_model_api(
+        work, "--device", "cpu", "--model", MODEL, "--model", f"{DIGITS}={digits}", "--accept-token-ids"
+    )  # test_token_id_rows sends MiniLM's own ids
     try:
         yield ModelApi(process, url)
     finally:
