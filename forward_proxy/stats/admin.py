@@ -8,6 +8,11 @@ blocks the proxy; it reads the backend's shared counters (the cache directory's,
 shows the sum of every proxy process on that backend (this process's own last counts reach it within
 the counters' flush interval).
 
+It is also the statistics' own addon: the `stats_*` options bound the counters' labels (`LabelBounds`,
+applied by every `Counters` of the process while the proxy runs), and its `response` hook tells them
+when an upstream answered a forwarded request (`origin_answered`), so origins nobody answered at are
+never stored.
+
 A port that cannot be served is an error at start-up: it is logged as one, naming the port and the fix,
 and mitmproxy's error check then ends the process (exit 1) before the launcher announces it is ready.
 """
@@ -19,11 +24,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http
 
 from forward_proxy.cache.config import CacheConfig
 from forward_proxy.policy.clients import DEFAULT_CLIENT_NETWORKS, ClientNetworks
-from forward_proxy.stats.counters import LabelBounds, set_label_bounds
+from forward_proxy.stats.counters import LabelBounds, origin_answered, set_label_bounds
 from forward_proxy.stats.report import read_report
 from forward_proxy.stats.server import LOOPBACK_HOSTS, AdminAccess, AdminServer
 from forward_proxy.store.backend import open_backend
@@ -163,6 +168,11 @@ class AdminListener:
         self._running = True
         set_label_bounds(_label_bounds())  # every Counters of this process (the cache's) applies them
         self._start()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.server_conn.timestamp_start is not None:  # mitmproxy forwarded it: an upstream answered
+            request = flow.request
+            origin_answered(f"{request.scheme}://{request.host}:{request.port}")
 
     def done(self) -> None:
         self._running = False

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -115,6 +116,16 @@ def label_bounds() -> LabelBounds:
     return _bounds
 
 
+_live: weakref.WeakSet[Counters] = weakref.WeakSet()
+
+
+def origin_answered(origin: str) -> None:
+    """An upstream answered at `origin` (a response mitmproxy forwarded): tell every `Counters` of this
+    process, so the counts they hold for it are written."""
+    for counters in list(_live):
+        counters.answered(origin)
+
+
 class _Labels:
     """The label values admitted so far, by origin and route; decides which new ones are `other`."""
 
@@ -186,6 +197,7 @@ class Counters:
         self._bounds = bounds
         self._pending: defaultdict[str, int] = defaultdict(int)
         self._labels: _Labels | None = None  # learnt from the store on the first count
+        _live.add(self)
         self._answered: set[str] = set()  # origins an upstream answered at, seen by this process
         self._held: OrderedDict[str, defaultdict[tuple[str, str, str, str], int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -219,6 +231,8 @@ class Counters:
 
     def answered(self, origin: str) -> None:
         """An upstream answered at `origin`: its counts (held until now) are written from now on."""
+        if not self.bounds.hold_unanswered or (origin not in self._held and origin in self._answered):
+            return  # the usual case, on every forwarded response: nothing to do, no lock taken
         labels = self._known_labels()
         with self._lock:
             self._remember_answered(origin)

@@ -141,3 +141,38 @@ def test_a_taken_listen_port_stops_forward_proxy_run_before_it_says_it_listens(t
     assert result.returncode != 0, output
     assert READY_LINE not in output
     assert f"127.0.0.1:{port}" in output and "--listen-port" in output, output
+
+
+def test_origins_are_counted_once_an_upstream_answered_there(tmp_path: Path) -> None:
+    admin_port = free_port()
+    closed = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    with Upstream() as upstream, start_proxy(tmp_path, "--admin-port", str(admin_port)) as proxy:
+        session = proxy.session()
+        for _ in range(3):  # BYPASS: mitmproxy forwards these itself
+            answer = session.post(
+                upstream.url("/v1/embeddings"),
+                json={"model": "m", "input": ["a"]},
+                headers={"Cache-Control": "no-store"},
+                timeout=30,
+            )
+            assert answer.headers["X-Cache"] == "BYPASS"
+            assert (
+                session.post(closed + "/v1/embeddings", json={"input": ["a"]}, timeout=30).status_code >= 500
+            )
+            assert (
+                session.post(
+                    closed + "/v1/embeddings",
+                    json={"input": ["b"]},
+                    headers={"Cache-Control": "no-store"},
+                    timeout=30,
+                ).status_code
+                >= 500
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            origins = {row["origin"]: row for row in json.loads(_admin_get(admin_port, "/stats"))["origins"]}
+            if upstream.origin in origins or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert origins[upstream.origin]["requests"] == 3 and origins[upstream.origin]["bypasses"] == 3
+    assert closed not in origins  # refused every time: never counted, never stored
