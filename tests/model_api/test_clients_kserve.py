@@ -79,33 +79,34 @@ async def health(client: InferenceRESTClient, base_url: str) -> tuple[bool, bool
     )
 
 
-def test_health(server: Server, no_proxy_variables: None) -> None:
-    assert run(server.url, health) == (True, True, True, False)
-
-
-@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_digits_and_embeddings(
-    server: Server, client: requests.Session, no_proxy_variables: None, binary: bool
+def test_digits_and_embeddings_in_binary_and_json(
+    server: Server, client: requests.Session, no_proxy_variables: None
 ) -> None:
     rows = digits_split().test_pixels[:16]
     texts = ["first text", "a second, longer text"]
 
-    async def infer(rest: InferenceRESTClient, base_url: str) -> tuple[Any, Any]:
-        digits = await rest.infer(base_url, digits_request(rows, binary), model_name="digits")
-        embeddings = await rest.infer(base_url, text_request(texts, binary), model_name=MODEL)
-        return digits, embeddings
+    async def infer(rest: InferenceRESTClient, base_url: str) -> list[tuple[Any, Any]]:
+        return [
+            (
+                await rest.infer(base_url, digits_request(rows, binary), model_name="digits"),
+                await rest.infer(base_url, text_request(texts, binary), model_name=MODEL),
+            )
+            for binary in (True, False)
+        ]
 
-    digits, embeddings = run(server.url, infer)
     expected = reference(client, server, rows)
-    assert digits.id == "k-1"
-    assert np.array_equal(outputs_of(digits)["label"], expected["label"])
-    assert np.allclose(outputs_of(digits)["logits"], expected["logits"], atol=1e-6)
     openai = client.post(f"{server.url}/v1/embeddings", json={"input": texts, "model": MODEL}).json()
     vectors = np.asarray([item["embedding"] for item in openai["data"]], dtype=np.float32)
-    assert np.allclose(outputs_of(embeddings)["embedding"], vectors, atol=1e-6)
+    for digits, embeddings in run(server.url, infer):
+        assert digits.id == "k-1"
+        assert np.array_equal(outputs_of(digits)["label"], expected["label"])
+        assert np.allclose(outputs_of(digits)["logits"], expected["logits"], atol=1e-6)
+        assert np.allclose(outputs_of(embeddings)["embedding"], vectors, atol=1e-6)
 
 
-def test_an_error_carries_the_servers_message(server: Server, no_proxy_variables: None) -> None:
+def test_health_and_an_error_with_the_servers_message(server: Server, no_proxy_variables: None) -> None:
+    assert run(server.url, health) == (True, True, True, False)
+
     async def unknown(rest: InferenceRESTClient, base_url: str) -> None:
         await rest.infer(base_url, digits_request(np.zeros((1, 64)), True), model_name="nope")
 

@@ -81,9 +81,10 @@ def langchain(server: Server, transport: httpx.Client, **options: object) -> Ope
     )
 
 
-def test_langchain_defaults_send_tiktoken_ids_and_get_a_400_that_says_what_to_change(
+def test_langchain_defaults_are_refused_and_the_ctx_check_off_gives_the_models_vectors(
     client: requests.Session, server: Server, http_client: httpx.Client, tiktoken_cache: Path
 ) -> None:
+    """Its defaults send tiktoken ids (refused, nothing computed); with the ctx check off, the text."""
     before = rows_computed(client, server)
     with pytest.raises(openai.BadRequestError) as refused:
         langchain(server, http_client).embed_documents(TEXTS)
@@ -93,11 +94,6 @@ def test_langchain_defaults_send_tiktoken_ids_and_get_a_400_that_says_what_to_ch
     assert "check_embedding_ctx_length=False" in error["message"]
     assert "--accept-token-ids" in error["message"]
     assert rows_computed(client, server) == before  # nothing reached the model
-
-
-def test_langchain_with_the_ctx_check_off_gets_the_models_own_vectors(
-    client: requests.Session, server: Server, http_client: httpx.Client
-) -> None:
     embeddings = langchain(server, http_client, check_embedding_ctx_length=False)
     documents = np.asarray(embeddings.embed_documents(TEXTS), dtype=np.float32)
     query = np.asarray(embeddings.embed_query(TEXTS[0]), dtype=np.float32)
