@@ -186,8 +186,8 @@ class AdminServer:
             self._own_thread.join(timeout=5)
             loop.close()
             self._own_thread = None
-        else:
-            task = loop.create_task(self._close())
+        else:  # on the loop's own thread: stop listening now (a restart binds the port again at once)
+            task = loop.create_task(self._close(self._stop_listening()))
             _background.add(task)
             task.add_done_callback(_background.discard)
         self._loop = None
@@ -216,15 +216,21 @@ class AdminServer:
         _QUIET_TORNADO.install()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
-    async def _close(self) -> None:
+    def _stop_listening(self) -> _Listener | None:
+        """Close the listening sockets and stop sampling; returns the listener whose connections remain."""
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
-        if self._listener is not None:
-            self._listener.stop()  # closes the listening sockets
-            await self._listener.close_all_connections()
-            self._listener = None
-        _QUIET_TORNADO.uninstall()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        return listener
+
+    async def _close(self, listener: _Listener | None = None) -> None:
+        listener = listener or self._stop_listening()
+        if listener is not None:
+            await listener.close_all_connections()
+            _QUIET_TORNADO.uninstall()
 
     async def _sample_forever(self) -> None:
         while True:

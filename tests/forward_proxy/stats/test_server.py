@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -127,3 +128,19 @@ def test_head_answers_without_a_body(serve: Callable[..., AdminServer]) -> None:
     server = serve(sample_report)
     status, _, body = _get(server.url + "stats", method="HEAD")
     assert (status, body) == (200, b"")
+
+
+def test_on_a_running_loop_it_serves_there_and_frees_its_port_at_once_when_stopped() -> None:
+    """Inside the proxy the server runs on mitmproxy's loop; a restart (new options) binds the port again."""
+
+    async def main() -> None:
+        first = AdminServer(sample_report, port=0).start()
+        port = first.address[1]
+        status, _, body = await asyncio.to_thread(_get, first.url + "stats")
+        assert status == 200 and json.loads(body) == sample_report()
+        first.stop()
+        second = AdminServer(sample_report, port=port).start()  # the same port, at once
+        assert (await asyncio.to_thread(_get, second.url + "stats"))[0] == 200
+        second.stop()
+
+    asyncio.run(main())
