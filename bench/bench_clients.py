@@ -7,7 +7,7 @@ One run measures, on 127.0.0.1 with keep-alive connections and every process sto
     direct MiniLM   a `requests` Session straight to `model-api serve` (all-MiniLM-L6-v2 computing one
                     new sentence each time), p50
     clients         the same MiniLM request again and again through `forward-proxy run` (all hits), one
-                    connection per client, p50: a `requests` Session (Nagle on, as urllib3 leaves it for
+                    connection per client and round, three interleaved rounds, p50: a `requests` Session (Nagle on, as urllib3 leaves it for
                     proxies), client-app's session (`NoDelayAdapter`), httpx, aiohttp, the openai SDK,
                     curl (many URLs on one command line: one connection), Java's java.net.http and
                     HttpURLConnection (when `java` is a JDK), Node's undici ProxyAgent (when `node` finds
@@ -225,21 +225,36 @@ CLIENTS: list[tuple[str, Callable[[], bool], str, Client]] = [
 ]
 
 
-def each_client(proxy: str, url: str, count: int, expected: str | None) -> dict[str, Timing]:
-    """Every client found here: a few requests to open its connection (and take the miss), then `count`."""
-    results: dict[str, Timing] = {}
-    for name, present, install, client in CLIENTS:
-        if not present():
+def each_client(proxy: str, url: str, count: int, expected: str | None, rounds: int = 3) -> dict[str, Timing]:
+    """Every client found here, `count` requests each in `rounds` interleaved rounds (so a passing load on
+    the machine hits every client alike); each round opens its connection with a few requests first."""
+    present: list[tuple[str, Client]] = []
+    for name, found, install, client in CLIENTS:
+        if found():
+            present.append((name, client))
+        else:
             print(f"  {name:38} not found ({install}), left out")
-            continue
-        try:
-            client(proxy, url, 5)
-            timing = client(proxy, url, count)
-        except Exception as exc:  # one client's failure must not hide the others' figures
-            print(f"  {name:38} failed: {type(exc).__name__}: {exc}")
-            continue
-        results[name] = timing
-        print(f"  {name:38} p50 {timing.p50_ms:7.2f} ms{timing.note(expected)}", flush=True)
+    results = {name: Timing() for name, _ in present}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, client in present:
+            if name in failed:
+                continue
+            try:
+                client(proxy, url, 5)
+                timing = client(proxy, url, max(count // rounds, 1))
+            except Exception as exc:  # one client's failure must not hide the others' figures
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            results[name].latencies += timing.latencies
+            for value, seen in timing.cache.items():
+                results[name].cache[value] = results[name].cache.get(value, 0) + seen
+    for name, _ in present:
+        if name in failed:
+            print(f"  {name:38} failed: {failed[name]}")
+            del results[name]
+        else:
+            print(f"  {name:38} p50 {results[name].p50_ms:7.2f} ms{results[name].note(expected)}", flush=True)
     return results
 
 
@@ -433,7 +448,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     args = parser.parse_args()
-    count = 60 if args.quick else 200
+    count = 60 if args.quick else 240
     tail_total, tail_rounds = (500, 1) if args.quick else (2000, 3)
 
     work = Path(tempfile.mkdtemp(prefix="bench-clients-"))
