@@ -158,11 +158,6 @@ class AdminServer:
         host, port = self.address
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
-    @property
-    def connections(self) -> int:
-        """Connections open now."""
-        return self._listener.open_connections if self._listener is not None else 0
-
     def start(self) -> AdminServer:
         """Serve on the running event loop, or on a private one in a daemon thread when none runs."""
         try:
@@ -178,7 +173,9 @@ class AdminServer:
 
     def stop(self) -> None:
         loop = self._loop
-        if loop is None:
+        if loop is None:  # never started: only the bound sockets to close
+            for sock in self._sockets:
+                sock.close()
             return
         if self._own_thread is not None:
             asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout=30)
