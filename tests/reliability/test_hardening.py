@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from forward_proxy.cache.credentials import CREDENTIAL_HEADERS, DEFAULT_PARTITION_HEADERS
 from tests.support.processes import console_script, free_port
 from tests.support.proxy import READY_LINE, RunningProxy, start_proxy
 from tests.support.upstream import Upstream
@@ -176,3 +177,19 @@ def test_origins_are_counted_once_an_upstream_answered_there(tmp_path: Path) -> 
             time.sleep(0.2)
     assert origins[upstream.origin]["requests"] == 3 and origins[upstream.origin]["bypasses"] == 3
     assert closed not in origins  # refused every time: never counted, never stored
+
+
+def test_the_default_partition_covers_the_credential_headers_of_the_common_model_apis() -> None:
+    named_by_the_issue = {
+        "authorization",  # OpenAI, Cohere, Hugging Face, ...
+        "x-api-key",  # Anthropic
+        "api-key",  # Azure OpenAI
+        "x-goog-api-key",  # Google
+        "openai-organization",
+        "openai-project",
+        "cookie",
+    }
+    assert named_by_the_issue <= set(DEFAULT_PARTITION_HEADERS)
+    assert all(reason.strip() for reason in CREDENTIAL_HEADERS.values())
+    documented = (Path(__file__).parents[2] / "docs" / "privacy.md").read_text().lower()
+    assert all(f"| `{name}` |" in documented for name in DEFAULT_PARTITION_HEADERS)
