@@ -152,13 +152,19 @@ def openai_sdk(proxy: str, url: str, count: int) -> Timing:
         return timed(count, send)
 
 
+# Requests a client program sends before those measured, in the same process (a JVM compiles its hot code
+# after a few dozen requests; a Python client in this process is warm from its earlier rounds).
+PROGRAM_WARMUP = 30
+
+
 def external(argv: list[str], timeout: float = 120) -> Timing:
-    """A program that prints `MILLISECONDS X-CACHE` per request."""
+    """A program that prints `MILLISECONDS X-CACHE` per request; its first PROGRAM_WARMUP lines are left
+    out."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(argv[0]).name} exited with {done.returncode}: {done.stderr[-500:]}")
     timing = Timing()
-    for line in done.stdout.split("\n"):
+    for line in done.stdout.split("\n")[PROGRAM_WARMUP:]:
         if line.strip():
             milliseconds, _, cache = line.strip().partition(" ")
             timing.add(float(milliseconds) / 1000, cache)
@@ -168,7 +174,7 @@ def external(argv: list[str], timeout: float = 120) -> Timing:
 def curl(proxy: str, url: str, count: int) -> Timing:
     argv = ["curl", "-s", "--proxy", proxy, "-H", "Content-Type: application/json", "--data-binary", BODY]
     argv += ["-w", r"%{time_total} %header{x-cache}\n"]
-    for _ in range(count):
+    for _ in range(PROGRAM_WARMUP + count):
         argv += [url, "-o", "/dev/null"]  # one command line: curl reuses the connection
     timing = external(argv)
     timing.latencies = [seconds * 1000 for seconds in timing.latencies]  # curl prints seconds
@@ -179,13 +185,14 @@ def java(mode: str) -> Callable[[str, str, int], Timing]:
     def run(proxy: str, url: str, count: int) -> Timing:
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
         source = str(CLIENTS_DIR / "JavaClients.java")
-        return external(["java", source, mode, host, port, url, BODY, str(count)])
+        return external(["java", source, mode, host, port, url, BODY, str(PROGRAM_WARMUP + count)])
 
     return run
 
 
 def undici(proxy: str, url: str, count: int) -> Timing:
-    return external(["node", str(CLIENTS_DIR / "undici_client.js"), proxy, url, BODY, str(count)])
+    argv = ["node", str(CLIENTS_DIR / "undici_client.js"), proxy, url, BODY, str(PROGRAM_WARMUP + count)]
+    return external(argv)
 
 
 def importable(module: str) -> bool:
