@@ -23,6 +23,7 @@ from typing import Any
 import requests
 
 from client_app import load as load_module
+from client_app.chat import DEFAULT_CHAT_MODEL, chat
 from client_app.client import (
     API_URL_ENV,
     DEFAULT_EMBEDDING_MODEL,
@@ -159,6 +160,44 @@ def cmd_predict(args: argparse.Namespace, client: ModelApiClient) -> int:
     if labelled:
         right = sum(p.label == p.predicted for p in labelled)
         print(f"correct: {right} of {len(labelled)} built-in samples")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, client: ModelApiClient) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": " ".join(args.question)})
+    stream = args.stream and not args.json
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    answer = chat(
+        client,
+        messages,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        stream=stream,
+        on_text=None if args.json else show,
+    )
+    if args.json:
+        _print_json(answer.reply.body)
+        return 0
+    print()
+    reply = answer.reply
+    first = (
+        f"first token in {answer.first_token_seconds * 1000:.1f} ms, " if answer.first_token_seconds else ""
+    )
+    kind = f"streamed in {answer.chunks} chunks" if stream else "not streamed"
+    print(
+        f"{reply.method} {reply.url} → {reply.status}, {first}{reply.seconds:.2f} s in all ({kind}), {_via(reply.proxy)}"
+    )
+    print(_cache_line(reply))
+    usage_text = " ".join(f"{key}={value}" for key, value in answer.usage.items()) or "-"
+    print(
+        f"model: {answer.model or args.model}   finish_reason: {answer.finish_reason}   usage: {usage_text}"
+    )
     return 0
 
 
@@ -424,6 +463,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict_cmd.add_argument("--json", action="store_true", help="print the full response JSON")
     predict_cmd.set_defaults(handler=cmd_predict)
+
+    chat_cmd = commands.add_parser(
+        "chat", parents=[common], help="ask the chat model; the answer streams in (POST /v1/chat/completions)"
+    )
+    chat_cmd.add_argument("question", nargs="+", metavar="QUESTION", help="the question (words are joined)")
+    chat_cmd.add_argument("--model", default=DEFAULT_CHAT_MODEL, help="chat model (default: %(default)s)")
+    chat_cmd.add_argument("--system", metavar="TEXT", help="a system message before the question")
+    chat_cmd.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="most tokens to generate (default: the server's)",
+    )
+    chat_cmd.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 (the default) answers the same every time, so a caching proxy can serve it again; higher samples",
+    )
+    chat_cmd.add_argument("--seed", type=int, help="makes a sampled answer (temperature > 0) repeatable")
+    chat_cmd.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print the answer as it is generated (default); --no-stream waits for the whole answer",
+    )
+    chat_cmd.add_argument("--json", action="store_true", help="print the full response JSON (not streamed)")
+    chat_cmd.set_defaults(handler=cmd_chat)
 
     fetch = commands.add_parser(
         "fetch", parents=[common], help="request any URL (through the proxy) and show status and headers"
