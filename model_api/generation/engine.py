@@ -216,11 +216,15 @@ class GenerationEngine:
                 starting = self._admit(sum(len(group.sequences) for group in groups))
             if starting:
                 self._guarded(self._start, starting, groups)
+                self._publish_active(groups)
             for group in list(groups):
                 self._guarded(self._step, group, groups)
             groups = [group for group in groups if group.sequences]
-            with self.stats.lock:
-                self.stats.active_sequences = sum(len(group.sequences) for group in groups)
+            self._publish_active(groups)
+
+    def _publish_active(self, groups: list[_Group]) -> None:
+        with self.stats.lock:
+            self.stats.active_sequences = sum(len(group.sequences) for group in groups)
 
     def _admit(self, active: int) -> list[Generation]:
         """The waiting requests that start now: in arrival order, while their choices fit the batch."""
