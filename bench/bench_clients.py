@@ -152,19 +152,20 @@ def openai_sdk(proxy: str, url: str, count: int) -> Timing:
         return timed(count, send)
 
 
-# Requests a client program sends before those measured, in the same process (a JVM compiles its hot code
-# after a few dozen requests; a Python client in this process is warm from its earlier rounds).
-PROGRAM_WARMUP = 30
+# Requests a client program sends before those measured, in the same process: a long-running service is
+# warm, and a JVM compiles its HTTP client's hot code only after a thousand requests or so (java.net.http
+# took 1.9 ms per request after 30, 0.8 ms after 3,000, through Squid). A Python client in this process is
+# warm from its earlier rounds.
+WARMUP = {"curl": 30, "java": 1500, "node": 300}
 
 
-def external(argv: list[str], timeout: float = 120) -> Timing:
-    """A program that prints `MILLISECONDS X-CACHE` per request; its first PROGRAM_WARMUP lines are left
-    out."""
+def external(argv: list[str], warmup: int, timeout: float = 180) -> Timing:
+    """A program that prints `MILLISECONDS X-CACHE` per request; its first `warmup` lines are left out."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{Path(argv[0]).name} exited with {done.returncode}: {done.stderr[-500:]}")
     timing = Timing()
-    for line in done.stdout.split("\n")[PROGRAM_WARMUP:]:
+    for line in done.stdout.split("\n")[warmup:]:
         if line.strip():
             milliseconds, _, cache = line.strip().partition(" ")
             timing.add(float(milliseconds) / 1000, cache)
@@ -174,9 +175,9 @@ def external(argv: list[str], timeout: float = 120) -> Timing:
 def curl(proxy: str, url: str, count: int) -> Timing:
     argv = ["curl", "-s", "--proxy", proxy, "-H", "Content-Type: application/json", "--data-binary", BODY]
     argv += ["-w", r"%{time_total} %header{x-cache}\n"]
-    for _ in range(PROGRAM_WARMUP + count):
+    for _ in range(WARMUP["curl"] + count):
         argv += [url, "-o", "/dev/null"]  # one command line: curl reuses the connection
-    timing = external(argv)
+    timing = external(argv, WARMUP["curl"])
     timing.latencies = [seconds * 1000 for seconds in timing.latencies]  # curl prints seconds
     return timing
 
@@ -185,14 +186,15 @@ def java(mode: str) -> Callable[[str, str, int], Timing]:
     def run(proxy: str, url: str, count: int) -> Timing:
         host, port = proxy.removeprefix("http://").rsplit(":", 1)
         source = str(CLIENTS_DIR / "JavaClients.java")
-        return external(["java", source, mode, host, port, url, BODY, str(PROGRAM_WARMUP + count)])
+        argv = ["java", source, mode, host, port, url, BODY, str(WARMUP["java"] + count)]
+        return external(argv, WARMUP["java"])
 
     return run
 
 
 def undici(proxy: str, url: str, count: int) -> Timing:
-    argv = ["node", str(CLIENTS_DIR / "undici_client.js"), proxy, url, BODY, str(PROGRAM_WARMUP + count)]
-    return external(argv)
+    argv = ["node", str(CLIENTS_DIR / "undici_client.js"), proxy, url, BODY, str(WARMUP["node"] + count)]
+    return external(argv, WARMUP["node"])
 
 
 def importable(module: str) -> bool:
@@ -234,7 +236,7 @@ CLIENTS: list[tuple[str, Callable[[], bool], str, Client]] = [
 
 def each_client(proxy: str, url: str, count: int, expected: str | None, rounds: int = 3) -> dict[str, Timing]:
     """Every client found here, `count` requests each in `rounds` interleaved rounds (so a passing load on
-    the machine hits every client alike); each round opens its connection with a few requests first."""
+    the machine hits every client alike); each round on a new connection."""
     present: list[tuple[str, Client]] = []
     for name, found, install, client in CLIENTS:
         if found():
@@ -243,12 +245,13 @@ def each_client(proxy: str, url: str, count: int, expected: str | None, rounds: 
             print(f"  {name:38} not found ({install}), left out")
     results = {name: Timing() for name, _ in present}
     failed: dict[str, str] = {}
-    for _ in range(rounds):
+    for round_number in range(rounds):
         for name, client in present:
             if name in failed:
                 continue
             try:
-                client(proxy, url, 5)
+                if round_number == 0:
+                    client(proxy, url, 5)  # its first request may be a miss
                 timing = client(proxy, url, max(count // rounds, 1))
             except Exception as exc:  # one client's failure must not hide the others' figures
                 failed[name] = f"{type(exc).__name__}: {exc}"
