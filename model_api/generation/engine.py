@@ -2,10 +2,11 @@
 
 Requests wait in a FIFO queue (bounded: `Overloaded` past `max_queued`). Whenever the worker comes
 round, the waiting requests that fit under `max_batch` sequences start together as a *group*: one padded
-prefill pass over their prompts, then one decoding pass per token for the whole group, sharing a KV
-cache. Groups that started at different times take turns, one token each, so a newcomer starts within
-one decoding step instead of waiting for earlier answers to finish; sequences leave their group (and
-its cache) as soon as they finish or their client goes away.
+prefill pass over their prompts. The new group then joins the one already decoding (their KV caches
+left-padded to one length), so a newcomer starts within one decoding step instead of waiting for
+earlier answers to finish, and every token costs one forward pass for all sequences; sequences leave
+the batch (and its cache) as soon as they finish or their client goes away. Should the caches not be
+mergeable, the groups take turns, one token each.
 
 Thread-safety: `submit` and `Generation.events` run on the event loop; everything else runs on the
 worker thread. They meet in a lock-protected queue (requests in) and in `loop.call_soon_threadsafe`
@@ -116,6 +117,7 @@ class GenerationStats:
     cancelled: int = 0  # requests whose client left before their answer was complete
     decode_steps: int = 0  # forward passes, prefills included
     largest_batch: int = 0  # most sequences in one forward pass
+    merges: int = 0  # groups that joined the running one, so that all decode in one pass
     model_seconds: float = 0.0
     waiting: int = 0
     active_sequences: int = 0
@@ -130,6 +132,7 @@ class GenerationStats:
                 "cancelled": self.cancelled,
                 "decode_steps": self.decode_steps,
                 "largest_batch": self.largest_batch,
+                "merges": self.merges,
                 "model_seconds": round(self.model_seconds, 6),
                 "tokens_per_second": round(self.completion_tokens / self.model_seconds, 3)
                 if self.model_seconds
@@ -170,6 +173,7 @@ class GenerationEngine:
         self._waiting: collections.deque[Generation] = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
+        self._merging = True  # off for good if a cache cannot be merged (`_merged`)
         self._thread = threading.Thread(target=self._run, name=f"generate-{model.name}", daemon=True)
         self._thread.start()
 
@@ -183,6 +187,9 @@ class GenerationEngine:
         with self._condition:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
+            for gone in [waiting for waiting in self._waiting if waiting.cancelled.is_set()]:
+                self._waiting.remove(gone)  # a client that left holds no place in the queue
+                self._count_cancelled(gone)
             if len(self._waiting) >= self.max_queued:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting, the most this server queues")
             self._waiting.append(generation)
@@ -216,11 +223,54 @@ class GenerationEngine:
                 starting = self._admit(sum(len(group.sequences) for group in groups))
             if starting:
                 self._guarded(self._start, starting, groups)
+                groups = self._merged(groups)
                 self._publish_active(groups)
             for group in list(groups):
                 self._guarded(self._step, group, groups)
             groups = [group for group in groups if group.sequences]
             self._publish_active(groups)
+
+    def _merged(self, groups: list[_Group]) -> list[_Group]:
+        """All groups as one, so that each token costs one forward pass for everybody.
+
+        Their caches are left-padded to one length (the attention masks hide the padding) and stacked
+        along the batch. This reaches into transformers' `DynamicLayer.keys` / `.values`, the one place
+        that does: a cache of another kind, or a library that changed, leaves the groups taking turns
+        (logged once; `merges` in /stats stays 0, which the tests check).
+        """
+        if len(groups) < 2 or not self._merging:
+            return groups
+        try:
+            layer_lists = [group.cache.layers for group in groups]
+            if any(type(layer).__name__ != "DynamicLayer" for layers in layer_lists for layer in layers):
+                raise TypeError("the cache is not made of DynamicLayers")
+            length = max(group.attention_mask.shape[1] for group in groups)
+
+            def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+                missing = length - tensor.shape[dim]
+                if not missing:
+                    return tensor
+                shape = list(tensor.shape)
+                shape[dim] = missing
+                return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+            merged = groups[0]
+            for index, layer in enumerate(merged.cache.layers):
+                layer.keys = torch.cat([padded(layers[index].keys, -2) for layers in layer_lists], dim=0)
+                layer.values = torch.cat([padded(layers[index].values, -2) for layers in layer_lists], dim=0)
+            merged.attention_mask = torch.cat([padded(group.attention_mask, -1) for group in groups], dim=0)
+            merged.positions = torch.cat([group.positions for group in groups], dim=0)
+            merged.last_tokens = torch.cat([group.last_tokens for group in groups], dim=0)
+            merged.sequences = [sequence for group in groups for sequence in group.sequences]
+        except (AttributeError, TypeError, RuntimeError) as error:
+            self._merging = False
+            logger.warning(
+                "chat model %s: groups cannot be merged (%s); they take turns instead", self.name, error
+            )
+            return groups
+        with self.stats.lock:
+            self.stats.merges += len(groups) - 1
+        return [merged]
 
     def _publish_active(self, groups: list[_Group]) -> None:
         with self.stats.lock:

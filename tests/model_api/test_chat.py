@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,8 @@ def test_requests_past_the_queue_bound_get_503(session: requests.Session, chat_s
     finally:
         for stream in streams:
             stream.close()
+    idle = lambda: now()["waiting"] == 0 and now()["active_sequences"] == 0  # noqa: E731
+    wait_for(idle, now)  # the closed streams' requests are dropped
 
 
 def test_the_server_without_chat_says_so(server: Server, client: requests.Session) -> None:
@@ -315,3 +318,37 @@ def test_stats_and_log_count_the_generations(
     lines = [json.loads(line) for line in chat_server.log().splitlines() if line.startswith('{"time"')]
     chats = [line for line in lines if line.get("path") == "/v1/chat/completions" and line["status"] == 200]
     assert chats and chats[-1]["model"] == CHAT_MODEL and chats[-1]["completion_tokens"] == 4
+
+
+def test_requests_that_arrive_while_another_decodes_join_its_batch_with_the_same_answers(
+    session: requests.Session, chat_server: Server
+) -> None:
+    questions = ["Name three fruits.", "Write a haiku about cats."]  # no more than the queue holds
+    alone = [
+        chat(
+            session, chat_server.url, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=24
+        ).json()
+        for q in questions
+    ]
+    before = chat_stats(session, chat_server.url)
+    with http() as first_session:
+        first = chat(first_session, chat_server.url, messages=LONG, temperature=0, max_tokens=64, stream=True)
+        events = first.iter_lines(decode_unicode=True)
+        first_chunks(events, 2)  # decoding
+        with ThreadPoolExecutor(len(questions)) as pool:
+            late = list(
+                pool.map(
+                    lambda q: chat(
+                        http(),
+                        chat_server.url,
+                        messages=[{"role": "user", "content": q}],
+                        temperature=0,
+                        max_tokens=24,
+                    ).json(),
+                    questions,
+                )
+            )
+        first.close()
+    after = chat_stats(session, chat_server.url)
+    assert after["merges"] > before["merges"]  # fails loudly if transformers' cache layout changed
+    assert [answer["choices"] for answer in late] == [answer["choices"] for answer in alone]
