@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -425,6 +426,18 @@ def direct_minilm(api: str, count: int) -> Timing:
         return timing
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collection in this process (the load generator) while it measures the proxy's tail:
+    its own pauses would count as the proxy's."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def tail(work: Path, upstream: int, total: int, rounds: int) -> dict[str, list[float]]:
     """c=16 hits of the MiniLM answer through two proxies, gc tuning on and off, rounds interleaved."""
     request = request_bytes(upstream, True, BODY.encode())
@@ -438,6 +451,7 @@ def tail(work: Path, upstream: int, total: int, rounds: int) -> dict[str, list[f
         }
         for port in ports.values():
             asyncio.run(load(port, lambda index: request, 200, 16, 60))  # the miss, then warm
+        stack.enter_context(collector_paused())
         for _ in range(rounds):
             for setting, port in ports.items():
                 result = asyncio.run(load(port, lambda index: request, total, 16, 60))
