@@ -218,10 +218,10 @@ def openai_router(registry: Registry, settings: Settings) -> APIRouter:
 
     @router.get("/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name) for name in registry.models])
+        return ModelList(data=[ModelCard(id=name) for name in [*registry.models, *registry.chat_models]])
 
     @router.get("/models/{name}", response_model=ModelCard)
     async def retrieve_model(name: str) -> ModelCard:
-        return ModelCard(id=registry.get(name).name)
+        return ModelCard(id=name if name in registry.chat_models else registry.get(name).name)
 
     return router

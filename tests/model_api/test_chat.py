@@ -352,3 +352,8 @@ def test_requests_that_arrive_while_another_decodes_join_its_batch_with_the_same
     after = chat_stats(session, chat_server.url)
     assert after["merges"] > before["merges"]  # fails loudly if transformers' cache layout changed
     assert [answer["choices"] for answer in late] == [answer["choices"] for answer in alone]
+
+
+def test_the_chat_model_is_listed_with_the_others(sdk: openai.OpenAI) -> None:
+    assert {model.id for model in sdk.models.list()} == {"all-MiniLM-L6-v2", CHAT_MODEL}
+    assert sdk.models.retrieve(CHAT_MODEL).id == CHAT_MODEL
