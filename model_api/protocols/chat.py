@@ -318,19 +318,18 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-ChunkMaker = Callable[[int, Delta | Finished | None], dict[str, Any]]
-
-
 async def event_stream(
     request: Request,
     generation: Generation,
-    chunk: ChunkMaker,
+    chunk: Callable[[int, Delta | Finished], dict[str, Any]],
+    opener: Callable[[int], dict[str, Any]] | None,
     usage_chunk: Callable[[], dict[str, Any]] | None,
 ) -> AsyncIterator[bytes]:
-    """The SSE body: `chunk(index, None)` opens each choice, then one chunk per event; usage; [DONE]."""
+    """The SSE body: `opener(index)` per choice (chat's role chunks), one chunk per event, usage, [DONE]."""
     async with cancelled_on_disconnect(request, generation):
-        for index in range(generation.n):
-            yield sse(chunk(index, None))
+        if opener is not None:
+            for index in range(generation.n):
+                yield sse(opener(index))
         try:
             async for event in generation.events():
                 yield sse(chunk(event.index, event))
@@ -400,6 +399,7 @@ def chat_router(registry: Registry, settings: Settings) -> APIRouter:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def chunk(index: int, event: Delta | Finished | None) -> dict[str, Any]:
+                """A content delta, a choice's end (empty delta), or with no event its opener (the role)."""
                 if event is None:
                     delta = ChoiceDelta(role="assistant", content="")
                 else:
@@ -428,7 +428,14 @@ def chat_router(registry: Registry, settings: Settings) -> APIRouter:
                 ).model_dump()
 
             return streaming_response(
-                event_stream(request, generation, chunk, usage_chunk if include_usage else None), generation
+                event_stream(
+                    request,
+                    generation,
+                    chunk,
+                    lambda index: chunk(index, None),
+                    usage_chunk if include_usage else None,
+                ),
+                generation,
             )
 
         texts, reasons = await collect(request, generation)
@@ -478,9 +485,7 @@ def chat_router(registry: Registry, settings: Settings) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(index: int, event: Delta | Finished | None) -> dict[str, Any]:
-                if event is None:
-                    return {}
+            def chunk(index: int, event: Delta | Finished) -> dict[str, Any]:
                 text = event.text if isinstance(event, Delta) else ""
                 reason = event.reason if isinstance(event, Finished) else None
                 payload = completion(
@@ -491,18 +496,9 @@ def chat_router(registry: Registry, settings: Settings) -> APIRouter:
                     del payload["usage"]
                 return payload
 
-            async def body_without_openers() -> AsyncIterator[bytes]:
-                # Completions streams have no role chunk: drop the empty openers.
-                async for data in event_stream(
-                    request,
-                    generation,
-                    chunk,
-                    (lambda: completion([], True).model_dump()) if include_usage else None,
-                ):
-                    if data != sse({}):
-                        yield data
-
-            return streaming_response(body_without_openers(), generation)
+            usage_chunk = (lambda: completion([], True).model_dump()) if include_usage else None
+            # Completions streams have no role chunks: no opener.
+            return streaming_response(event_stream(request, generation, chunk, None, usage_chunk), generation)
 
         texts, reasons = await collect(request, generation)
         response.headers[INPUT_TOKENS_HEADER] = str(len(generation.prompt_ids))
