@@ -237,8 +237,11 @@ def load_registry(settings: Settings) -> Registry:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ModelSpecError(f"two --model values share the name {', '.join(duplicates)}")
-    if settings.chat and DEFAULT_CHAT_MODEL not in names:
-        specs.append(ModelSpec(DEFAULT_CHAT_MODEL, bundled_chat_file()))
+    if settings.chat:
+        bundled = ModelSpec(DEFAULT_CHAT_MODEL, bundled_chat_file())
+        # Served once, under the name a --model gave it if one did.
+        if bundled.name not in names and bundled.source not in [spec.source for spec in specs]:
+            specs.append(bundled)
     device = resolve_device(settings.device)
     served = []
     engines = []

@@ -10,6 +10,7 @@ import pytest
 
 from model_api.cli import main
 from model_api.generation.model import bundled_chat_model_file, is_chat_source
+from model_api.models import registry as registry_module
 from model_api.models.registry import Registry, parse_model_spec
 from model_api.settings import DEFAULT_CHAT_MODEL, Settings
 
@@ -64,3 +65,28 @@ def test_a_file_that_is_no_gguf_stops_serve_with_a_reason(
     assert main(["serve", "--no-chat", "--device", "cpu", "--model", f"broken={broken}"]) == 2
     error = capsys.readouterr().err
     assert f"{broken}: cannot be loaded as chat model 'broken'" in error
+
+
+def test_the_bundled_chat_model_is_loaded_once_and_only_with_chat_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[str] = []
+
+    def load_chat_model(spec: Any, device: str, settings: Settings) -> Any:
+        loaded.append(spec.name)
+        return engine(spec.name, "a" * 64)
+
+    monkeypatch.setattr(registry_module, "load_chat_model", load_chat_model)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+
+    def names(**settings: Any) -> list[str]:
+        loaded.clear()
+        registry = registry_module.load_registry(Settings(device="cpu", **settings))
+        assert sorted(registry.chat_models) == sorted(loaded)
+        return loaded
+
+    assert names(models=(f"other={other}",)) == ["other", DEFAULT_CHAT_MODEL]
+    assert names(models=(f"other={other}",), chat=False) == ["other"]
+    assert names(models=(f"smol={DEFAULT_CHAT_MODEL}",)) == ["smol"]
+    assert names(models=(DEFAULT_CHAT_MODEL,)) == [DEFAULT_CHAT_MODEL]
