@@ -223,7 +223,8 @@ class GenerationEngine:
                 starting = self._admit(sum(len(group.sequences) for group in groups))
             if starting:
                 self._guarded(self._start, starting, groups)
-                groups = self._merged(groups)
+                # A group whose every sequence ended at its first token is done (its cache is stale).
+                groups = self._merged([group for group in groups if group.sequences])
                 self._publish_active(groups)
             for group in list(groups):
                 self._guarded(self._step, group, groups)
@@ -254,20 +255,29 @@ class GenerationEngine:
                 shape[dim] = missing
                 return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-            merged = groups[0]
-            for index, layer in enumerate(merged.cache.layers):
-                layer.keys = torch.cat([padded(layers[index].keys, -2) for layers in layer_lists], dim=0)
-                layer.values = torch.cat([padded(layers[index].values, -2) for layers in layer_lists], dim=0)
-            merged.attention_mask = torch.cat([padded(group.attention_mask, -1) for group in groups], dim=0)
-            merged.positions = torch.cat([group.positions for group in groups], dim=0)
-            merged.last_tokens = torch.cat([group.last_tokens for group in groups], dim=0)
-            merged.sequences = [sequence for group in groups for sequence in group.sequences]
+            # Everything computed before anything changes, so that a failure leaves the groups intact.
+            keys = [
+                torch.cat([padded(layers[i].keys, -2) for layers in layer_lists])
+                for i in range(len(layer_lists[0]))
+            ]
+            values = [
+                torch.cat([padded(layers[i].values, -2) for layers in layer_lists])
+                for i in range(len(layer_lists[0]))
+            ]
+            masks = torch.cat([padded(group.attention_mask, -1) for group in groups])
         except (AttributeError, TypeError, RuntimeError) as error:
             self._merging = False
             logger.warning(
                 "chat model %s: groups cannot be merged (%s); they take turns instead", self.name, error
             )
             return groups
+        merged = groups[0]
+        for layer, layer_keys, layer_values in zip(merged.cache.layers, keys, values, strict=True):
+            layer.keys, layer.values = layer_keys, layer_values
+        merged.attention_mask = masks
+        merged.positions = torch.cat([group.positions for group in groups], dim=0)
+        merged.last_tokens = torch.cat([group.last_tokens for group in groups], dim=0)
+        merged.sequences = [sequence for group in groups for sequence in group.sequences]
         with self.stats.lock:
             self.stats.merges += len(groups) - 1
         return [merged]

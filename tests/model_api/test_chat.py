@@ -357,3 +357,15 @@ def test_requests_that_arrive_while_another_decodes_join_its_batch_with_the_same
 def test_the_chat_model_is_listed_with_the_others(sdk: openai.OpenAI) -> None:
     assert {model.id for model in sdk.models.list()} == {"all-MiniLM-L6-v2", CHAT_MODEL}
     assert sdk.models.retrieve(CHAT_MODEL).id == CHAT_MODEL
+
+
+def test_an_answer_done_at_its_first_token_leaves_the_running_batch_intact(chat_server: Server) -> None:
+    with http() as own:
+        running = chat(own, chat_server.url, messages=LONG, temperature=0, max_tokens=32, stream=True)
+        events = running.iter_lines(decode_unicode=True)
+        first_chunks(events, 2)
+        short = chat(http(), chat_server.url, temperature=0, max_tokens=1).json()
+        assert short["usage"]["completion_tokens"] == 1
+        rest = [line for line in events if line]
+    assert rest[-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in rest)
