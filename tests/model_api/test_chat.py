@@ -369,3 +369,20 @@ def test_an_answer_done_at_its_first_token_leaves_the_running_batch_intact(chat_
         rest = [line for line in events if line]
     assert rest[-1] == "data: [DONE]"
     assert not any('"error"' in line for line in rest)
+
+
+def test_a_stream_of_several_choices_opens_and_ends_each(
+    session: requests.Session, chat_server: Server
+) -> None:
+    with chat(session, chat_server.url, temperature=0.8, seed=3, n=2, max_tokens=8, stream=True) as response:
+        chunks = [
+            json.loads(line.removeprefix("data: "))
+            for line in response.iter_lines(decode_unicode=True)
+            if line and line != "data: [DONE]"
+        ]
+    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    assert [choice["delta"].get("role") for choice in choices[:2]] == ["assistant", "assistant"]
+    assert sorted(choice["index"] for choice in choices if choice["finish_reason"]) == [0, 1]
+    texts = ["".join(c["delta"].get("content", "") for c in choices if c["index"] == i) for i in (0, 1)]
+    whole = chat(session, chat_server.url, temperature=0.8, seed=3, n=2, max_tokens=8).json()
+    assert texts == [choice["message"]["content"] for choice in whole["choices"]]
