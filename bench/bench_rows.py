@@ -9,6 +9,11 @@ re-embedding is measured three ways, each with a fresh cache:
     whole       through `forward-proxy run --set per_item_cache=false`: a batch is a hit only if all of
                 its 32 chunks are unchanged
     per-item    through `forward-proxy run` (per-item caching on): only the changed chunks go upstream
+    no-tokens   the same, but the upstream is an OpenAI-style server that sends no `X-Input-Tokens`
+                (a relay in front of the model API drops the header, as OpenAI, vLLM or TEI would
+                never send it): the proxy must still store every row and ask one request per batch
+
+Both per-item modes go through a counting relay, so the upstream requests per batch are printed too.
 
 For each it prints the rows the model computed and its model seconds (both from the model API's
 `GET /stats`), the wall time of the re-embedding, and the ratios to direct; then how far the per-item
@@ -26,10 +31,12 @@ import argparse
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -89,8 +96,10 @@ def _model_figures(url: str) -> tuple[int, float]:
     return int(figures["rows"]), float(figures["model_seconds"])
 
 
-def embed_all(url: str, texts: list[str], batch: int, proxy: str | None) -> Pass:
-    """The corpus in batches of `batch`, one request after another (as an indexing job sends them)."""
+def embed_all(url: str, texts: list[str], batch: int, proxy: str | None, upstream: str | None = None) -> Pass:
+    """The corpus in batches of `batch`, one request after another (as an indexing job sends them);
+    `upstream` is where they are sent (the model API at `url`, or a relay in front of it)."""
+    upstream = upstream or url
     rows_before, seconds_before = _model_figures(url)
     vectors: list[list[float]] = []
     partial = hits = 0
@@ -98,7 +107,7 @@ def embed_all(url: str, texts: list[str], batch: int, proxy: str | None) -> Pass
     with _session(proxy) as session:
         for start in range(0, len(texts), batch):
             answer = session.post(
-                f"{url}/v1/embeddings",
+                f"{upstream}/v1/embeddings",
                 json={"model": MODEL, "input": texts[start : start + batch]},
                 timeout=TIMEOUT,
             )
@@ -111,17 +120,68 @@ def embed_all(url: str, texts: list[str], batch: int, proxy: str | None) -> Pass
     return Pass(rows_after - rows_before, seconds_after - seconds_before, wall, vectors, partial, hits)
 
 
+class Relay:
+    """A loopback relay in front of the model API that counts embeddings requests and, for the
+    `no-tokens` mode, drops `X-Input-Tokens` from the answers (an OpenAI-style upstream)."""
+
+    def __init__(self, target: str, drop_tokens: bool) -> None:
+        relay = self
+        self.target, self.drop_tokens, self.requests = target, drop_tokens, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/v1/embeddings"):
+                    relay.requests += 1
+                answer = relay.session.request(
+                    self.command,
+                    relay.target + self.path,
+                    data=body or None,
+                    headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+                    timeout=TIMEOUT,
+                )
+                self.send_response(answer.status_code)
+                for name, value in answer.headers.items():
+                    skip = name.lower() in ("content-length", "transfer-encoding", "connection")
+                    if not skip and not (relay.drop_tokens and name.lower() == "x-input-tokens"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _relay
+
+        self.session = _session(None)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.session.close()
+
+
 @contextmanager
-def through(work: Path, mode: str) -> Iterator[str | None]:
-    """The proxy URL for a mode (None: direct), with a fresh cache."""
+def through(work: Path, mode: str, url: str) -> Iterator[tuple[str | None, str, Relay | None]]:
+    """(proxy URL or None for direct, the upstream URL, its relay) for a mode, with a fresh cache."""
     if mode == "direct":
-        yield None
+        yield None, url, None
         return
     options = ["--set", "per_item_cache=false"] if mode == "whole" else []
     folder = work / mode
     folder.mkdir()
-    with start_proxy(folder, *options) as proxy:
-        yield proxy.url
+    relay = Relay(url, drop_tokens=mode == "no-tokens") if mode != "whole" else None
+    try:
+        with start_proxy(folder, *options) as proxy:
+            yield proxy.url, relay.url if relay else url, relay
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 def main() -> int:
@@ -138,14 +198,18 @@ def main() -> int:
     revised, edited = changed(original, options.changed)
 
     results: dict[str, tuple[Pass, Pass]] = {}
+    upstream_requests: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench-rows-") as folder:
         work = Path(folder)
         process, url = start_model_api(work, "--device", "cpu", "--model", MODEL, "--log-level", "warning")
         try:
-            for mode in ("direct", "whole", "per-item"):
-                with through(work, mode) as proxy:
-                    first = embed_all(url, original, options.batch, proxy)  # fills the cache
-                    results[mode] = (first, embed_all(url, revised, options.batch, proxy))
+            for mode in ("direct", "whole", "per-item", "no-tokens"):
+                with through(work, mode, url) as (proxy, upstream, relay):
+                    first = embed_all(url, original, options.batch, proxy, upstream)  # fills the cache
+                    before = relay.requests if relay else 0
+                    results[mode] = (first, embed_all(url, revised, options.batch, proxy, upstream))
+                    if relay is not None:
+                        upstream_requests[mode] = relay.requests - before
         finally:
             process.stop()
 
@@ -166,7 +230,7 @@ def main() -> int:
     # The machine's speed drifts while others share it: each cache is also compared with its own first
     # pass, which computed every row just before.
     print("re-embedding relative to direct re-embedding | to the same mode's first pass:")
-    for mode in ("whole", "per-item"):
+    for mode in ("whole", "per-item", "no-tokens"):
         first, again = results[mode]
         print(
             f"  {mode:<9} rows {again.rows / direct.rows:6.3f}   model time {again.model_seconds / direct.model_seconds:6.3f}"
@@ -180,7 +244,20 @@ def main() -> int:
         for a, b in zip(mine, theirs, strict=True)
     )
     print(f"per-item answers vs direct: largest difference of a vector component {deviation:.2e}")
-    wrong = deviation > 1e-5 or results["per-item"][1].rows != edited
+    for mode, count in upstream_requests.items():
+        print(
+            f"  {mode:<9} re-embedding: {count} upstream requests for {batches} batches "
+            f"({count / batches:.2f} per batch), {results[mode][1].rows} rows re-computed"
+        )
+    if "per-item" in upstream_requests and "no-tokens" in upstream_requests:
+        own, other = results["per-item"][1], results["no-tokens"][1]
+        print(
+            f"without X-Input-Tokens vs with: upstream requests {upstream_requests['no-tokens']} vs "
+            f"{upstream_requests['per-item']}, rows re-computed {other.rows} vs {own.rows}"
+        )
+    wrong = (
+        deviation > 1e-5 or results["per-item"][1].rows != edited or results["no-tokens"][1].rows != edited
+    )
     return 1 if wrong else 0
 
 

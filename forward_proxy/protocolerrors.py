@@ -23,6 +23,7 @@ from mitmproxy import http, version
 from mitmproxy.net.http import http1
 
 from forward_proxy.errors import error_body, error_response
+from forward_proxy.mitmseams import take_answer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,11 @@ _ADVICE: dict[int, tuple[str, str]] = {
 
 
 def json_error_response(status_code: int, message: str = "") -> bytes:
-    """The bytes of a `Connection: close` error answer in the project's JSON shape."""
+    """The bytes of a `Connection: close` error answer in the project's JSON shape, or the answer an
+    `error` hook chose instead (`forward_proxy.mitmseams.answer_instead`: the cache's stale entry)."""
+    chosen = take_answer()
+    if chosen is not None:
+        return chosen
     code, advice = _ADVICE.get(status_code, ("proxy_error" if status_code >= 500 else "bad_request", ""))
     text = message.strip() or http.status_codes.RESPONSES.get(status_code, "error")
     if status_code in (502, 504):

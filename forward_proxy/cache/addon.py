@@ -1,43 +1,56 @@
-"""The cache addon: mitmproxy hooks that tie the pure cache parts together.
+"""The cache addon: the one engine that answers the requests a cache rule matches.
 
-For a request that a cache rule matches, the `request` hook (async, so a flow can wait without holding
-up others) decides and answers it:
+mitmproxy carries every byte to and from the upstream; this addon only decides, in three hooks:
 
-    HIT        a fresh entry of the upstream's current version, served from the store
-    MISS       fetched from the upstream (by this flow, for every identical request in flight) and stored
-    REFRESH    `Cache-Control: no-cache`: fetched and stored without looking up
-    BYPASS     `no-store` or a streamed request: fetched, never stored
-    COALESCED  an identical request was already upstream; this flow got its answer
-    STALE      the upstream failed and an entry within the stale-if-error window stood in
+`request`   reads the request (`Asked`: canonical body, key parts, rows) and looks every row up in the
+            store in one call (`decide.sort_entries`; a whole request is a batch of one row). All rows
+            found: the answer is put together from the store (HIT). Rows missing that another request is
+            asking for right now: wait for its answer (COALESCED). Otherwise this flow leads: when some
+            rows were found or repeat, its body is rewritten to the missing rows (each once, in the
+            client's order), else it keeps the client's bytes; then mitmproxy forwards it.
+`response`  judges the leader's answer (`decide.unstorable`: may it be stored, and so shared), splits it
+            into rows, puts the client's answer together (MISS, PARTIAL, REFRESH), hands the shareable
+            rows to the waiters and stores them.
+`error`     the upstream failed: stale rows stand in when every missing row has one (STALE), else the
+            client gets the failure in the JSON error shape; waiters get the same.
 
-It sets `X-Cache`, `X-Cache-Key` and (when served from the store) `Age`, and records its decision in
-`flow.metadata` for the statistics addons (`fp.cache`, `fp.key_id`, `fp.route`, `fp.origin`, `fp.model`,
-`fp.upstream_seconds`). Requests no rule matches are left to mitmproxy untouched; their responses only
-teach the cache the upstream's current deployment version.
+`X-Cache` says what happened (`record.Decision`), `X-Cache-Key` the entry's opaque id, `X-Cache-Rows`
+(batches) how many rows came from the store, `X-Cache-Usage` (embeddings put together from rows) whether
+`usage` is exact. The decision travels as one `CacheRecord` in `flow.metadata[RECORD]`.
 
 A failing store never fails a request: the flow is forwarded uncached, the failure logged and counted.
-
-The store is the backend `cache_backend` names (`forward_proxy.store.backend`): diskcache in the cache
-directory, or a Redis shared by a fleet of proxies. With Redis, the one upstream call a process would make
-for a key is also coalesced across processes and hosts (`forward_proxy.store.locks.FleetFlight`): a
-request that another proxy is already computing waits for that proxy's stored answer (COALESCED).
+With Redis, one upstream exchange per request key is also coalesced across the fleet (a lease,
+`store.locks.FleetFlight`): a request another proxy is asking waits for that proxy's stored answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
+import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http.status_codes import RESPONSES
 
-from forward_proxy.cache.canonical import canonical_body, canonical_query
+from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonical_query
+from forward_proxy.cache.checks import CheckFailed, Service, TlsTrust, ask
 from forward_proxy.cache.config import OPTIONS, CacheConfig
+from forward_proxy.cache.decide import (
+    USAGE_HEADER,
+    Lookup,
+    Stored,
+    expire_seconds,
+    joined_headers,
+    sort_entries,
+    unstorable,
+)
+from forward_proxy.cache.flights import Flight, InFlight, Outcome
 from forward_proxy.cache.keys import (
     KEY_HEADERS,
     NAMESPACE_HEADER,
@@ -48,88 +61,177 @@ from forward_proxy.cache.keys import (
     key_id,
     partition,
 )
-from forward_proxy.cache.peritem import ROWS_HEADER, BatchRequest, RowCache, RowSettings, RowsOutcome
-from forward_proxy.cache.policy import (
-    RequestDirectives,
-    Usability,
-    age_header,
-    opaque_server_error,
-    request_directives,
-    response_lifetime,
-    unparsable_json,
-    unstorable_reason,
-    usability,
+from forward_proxy.cache.policy import RequestDirectives, opaque_server_error, request_directives
+from forward_proxy.cache.record import RECORD, CacheRecord, Decision, RowFigures
+from forward_proxy.cache.rows import (
+    INPUT_TOKENS_HEADER,
+    AnswerMismatch,
+    Batch,
+    RowAnswer,
+    WholeRequest,
+    protocol_of,
+    split_embeddings,
+    split_inference,
 )
-from forward_proxy.cache.rows import Batch, protocol_of, split_embeddings, split_inference
 from forward_proxy.cache.rules import Rule, model_from_path
-from forward_proxy.cache.singleflight import Role, SingleFlight
-from forward_proxy.cache.upstream import UpstreamClient, UpstreamError, UpstreamResponse, request_problem
 from forward_proxy.cache.versions import Knowledge, VersionBook
 from forward_proxy.errors import error_response
+from forward_proxy.mitmseams import abort_upstream, answer_instead
 from forward_proxy.stats.counters import Counters
+from forward_proxy.store.aio import AsyncStore
 from forward_proxy.store.backend import Backend, open_backend
-from forward_proxy.store.base import CacheStore, Entry, StoreError
-from forward_proxy.store.locks import FleetFlight, Turn
+from forward_proxy.store.base import Entry, StoreError
+from forward_proxy.store.locks import FleetFlight, Held
 from forward_proxy.store.memory import MemoryCounterStore
 
 logger = logging.getLogger(__name__)
 
+ROWS_HEADER = "X-Cache-Rows"
 COUNTER_FLUSH_SECONDS = 0.25
 STORE_FLUSH_SECONDS = 1.0
-VERSION_CHECK_TIMEOUT = 5.0
+CHECK_TIMEOUT = 5.0
 STORE_ERROR_LOG_SECONDS = 60.0
 SECRET_RETRY_SECONDS = 2.0
-# Headers of an upstream answer that describe one response on the wire, not the stored answer.
-_NOT_STORED = frozenset({"age", "x-cache", "x-cache-key", "content-length"})
-_DECISION_COUNTER = {
-    "HIT": "hits",
-    "MISS": "misses",
-    "BYPASS": "bypasses",
-    "REFRESH": "refreshes",
-    "COALESCED": "coalesced",
-    "STALE": "stale",
-    "PARTIAL": "partials",  # the report adds them to `misses` (they went upstream too)
-}
+_LEAD = "forward_proxy.cache.lead"
+_ROW_PREFIX = b"row\n"  # row keys never equal a whole request's key (whose body starts "json:" or "bytes:")
+# Headers of an answer that describe one exchange on the wire, not the stored answer.
+_NOT_STORED = frozenset(
+    {"age", "x-cache", "x-cache-key", "x-cache-rows", "content-length", "date", USAGE_HEADER}
+)
+# ... and, for rows (stored decoded, one row each), what describes the whole batch's bytes.
+_NOT_STORED_ROWS = _NOT_STORED | {"content-encoding", "transfer-encoding", INPUT_TOKENS_HEADER.lower()}
 
 
 @dataclass
-class _Handling:
-    """What the cache knows about one flow it handles."""
+class Asked:
+    """One request the cache handles: its rows, their keys and what the client asked of the cache."""
 
     flow: http.HTTPFlow
     rule: Rule
-    origin: str
-    model: str | None
+    record: CacheRecord
     directives: RequestDirectives
-    parts: KeyParts | None = None
-    key: str = ""
-    key_id: str = ""
-    stale: Entry | None = None  # an entry that may stand in if the upstream fails
-    store_failed: bool = False  # the store failed for this flow already: not asked again for its rows
+    service: str  # origin and Host: the deployment whose version the entries must match
+    parts: KeyParts
+    batch: Batch
+    keys: list[str]  # one per row, in the client's order
+    confirmed: bool  # the service's version is known to be current
+    split: bool  # the batch is answered row by row (X-Cache-Rows)
+    whole_key: str  # the whole request's key: where an answer that cannot be split is stored
+
+    def as_whole(self) -> None:
+        """From now on the request is one row: its upstream answers in a shape the cache cannot split."""
+        self.batch, self.keys, self.split = WholeRequest(self.parts.body), [self.whole_key], False
+
+
+@dataclass
+class _Lead:
+    """A request this flow leads: what it sent upstream, and for whom."""
+
+    asked: Asked
+    lookup: Lookup
+    positions: list[int]  # the rows sent, by position in the client's batch
+    rewritten: bool  # the body sent is not the client's
+    flight: Flight
+    started: float
+    held: Held | None = None  # the fleet's lease for this request (Redis)
+    deadline: asyncio.TimerHandle | None = None
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)
-class _Fetched:
-    response: UpstreamResponse
+class _Shared:
+    """What a leader's answer gives its waiters besides the rows: how to frame them."""
+
+    status: int
+    reason: bytes
+    headers: tuple[tuple[bytes, bytes], ...]  # the answer's headers as stored
     version: str | None
-    key: str  # the key under the version that computed the answer
-    key_id: str
-    from_fleet: bool = False  # another proxy computed and stored it (fleet single flight)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    status: int
+    code: str
+    message: str
+    cause: str
+
+
+LARGE_BODY = 256 * 1024  # bodies past this are parsed in a worker thread, not on the event loop
+
+
+async def _off_the_loop_if_large(size: int, work: Any, *args: Any) -> Any:
+    """`work(*args)`, in a worker thread when `size` bytes would hold the event loop up noticeably."""
+    return await asyncio.to_thread(work, *args) if size > LARGE_BODY else work(*args)
+
+
+def _shared_of(entry: Entry) -> _Shared:
+    """How to frame rows from the store: the status, reason phrase and headers of the stored answer."""
+    return _Shared(
+        entry.status_code,
+        RESPONSES.get(entry.status_code, "").encode(),
+        tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers),
+        entry.model_version,
+    )
+
+
+def _service_of(flow: http.HTTPFlow) -> Service:
+    """Where the cache's own questions about a flow's service go: the address mitmproxy connected to
+    (or, before it connected, the address the egress policy pinned the flow to), with the flow's `Host`
+    and the name it asked for as the TLS server name."""
+    request = flow.request
+    peer = flow.server_conn.peername
+    address = (peer[0], peer[1]) if peer is not None else (request.host, request.port)
+    host_header = request.headers.get("host") or request.host
+    server_name = flow.server_conn.sni or host_header.rsplit(":", 1)[0].strip("[]")
+    return Service(request.scheme, address, host_header, server_name)
+
+
+def _batch_size(document: Any) -> int:
+    """How many rows a batch claims to have, read without splitting it (OpenAI `input`, KServe's first
+    dimension); 0 when it is no batch.
+
+    >>> _batch_size({"input": ["a", "b"]}), _batch_size({"inputs": [{"shape": [3, 64]}]}), _batch_size([])
+    (2, 3, 0)
+    """
+    if not isinstance(document, dict):
+        return 0
+    given = document.get("input")
+    if isinstance(given, list):
+        return len(given)
+    inputs = document.get("inputs")
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict):
+        shape = inputs[0].get("shape")
+        if isinstance(shape, list) and shape and isinstance(shape[0], int):
+            return shape[0]
+    return 0
+
+
+def _plain_cause(message: str) -> str:
+    """mitmproxy's words for a failed exchange, as a person reads them: `[Errno 111] Connect call
+    failed (...)` is "Connection refused".
+
+    >>> _plain_cause("[Errno 111] Connect call failed ('127.0.0.1', 1)"), _plain_cause("Server disconnected.")
+    ('Connection refused', 'Server disconnected')
+    """
+    errno = re.match(r"\[Errno (\d+)\]", message)
+    if errno is not None:
+        return os.strerror(int(errno.group(1)))
+    return message.strip().rstrip(".") or "the exchange failed"
 
 
 class Cache:
     def __init__(self) -> None:
         self.config: CacheConfig | None = None
-        self.store: CacheStore | None = None
+        self.store: AsyncStore | None = None
         self.backend: Backend | None = None
-        self.flight: FleetFlight[Any] | None = None  # across processes and hosts (Redis)
+        self.fleet: FleetFlight[Any] | None = None
         self.counters = Counters(MemoryCounterStore())
         self.versions = VersionBook(interval=5.0)
-        self.client = UpstreamClient()
-        self._flights = SingleFlight[_Fetched](max_waiters=1000)
-        self._checks = SingleFlight[bool](max_waiters=1_000_000)
-        self.rows = RowCache()
-        self._batch_flights = SingleFlight[RowsOutcome](max_waiters=1000)
+        self.flights = InFlight(max_waiters=1000)
+        self.trust = TlsTrust()
+        self.services: dict[str, Service] = {}  # where mitmproxy reached each service last
+        self._checks: dict[str, asyncio.Task[bool]] = {}
+        self._batching: dict[tuple[str, str, str | None], bool] = {}  # KServe: does the model batch
         self._secret = os.urandom(32)
         self._secret_shared = False  # False: this process's own secret, until the backend's can be read
         self._secret_tried_at = float("-inf")
@@ -151,25 +253,28 @@ class Cache:
             raise exceptions.OptionsError(str(exc)) from None
         self.config = config
         self.versions.interval = config.version_check_interval
-        self._flights.max_waiters = config.max_waiters
-        self._batch_flights.max_waiters = self.rows.flight.max_waiters = config.max_waiters
-        self.client.verify_tls = not ctx.options.ssl_insecure
+        self.flights.max_waiters = config.max_waiters
+        options = ctx.options
+        self.trust = TlsTrust(
+            insecure=bool(getattr(options, "ssl_insecure", False)),
+            trusted_ca=getattr(options, "ssl_verify_upstream_trusted_ca", None) or "",
+            trusted_ca_dir=getattr(options, "ssl_verify_upstream_trusted_confdir", None) or "",
+            client_certs=getattr(options, "client_certs", None) or "",
+        )
         if self._opened is not None:  # already running: follow a changed directory, size or secret
             self._open(config)
 
     def running(self) -> None:
         if self.config is not None:
             self._open(self.config)
-        task = asyncio.ensure_future(self._flush_store_forever())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._flush_store_forever())
 
     async def _flush_store_forever(self) -> None:
         """Every second, off the event loop: the store's buffered bookkeeping (LRU access times) and its
         eviction to the size limit (`DiskStore.flush`)."""
         while True:
             await asyncio.sleep(STORE_FLUSH_SECONDS)
-            flush = getattr(self.store, "flush", None)
+            flush = getattr(self.store.store if self.store else None, "flush", None)
             if flush is None:
                 continue
             try:
@@ -181,17 +286,23 @@ class Cache:
                 self.counters.count("evictions", origin="", route="", model=None, amount=evicted)
 
     async def settled(self) -> None:
-        """Wait until no upstream call or store write is in flight."""
-        await self._flights.drain()
-        await self._batch_flights.drain()
+        """Wait until no store write or version check started so far is in flight."""
+        while pending := [task for task in self._background if not task.get_name().startswith("forever")]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def done(self) -> None:
         for task in self._background:
             task.cancel()
         self.counters.close()
-        if self.store is not None:
-            self.store.close()
-        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+
+    def _spawn(self, work: Any, name: str = "forever") -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def _open(self, config: CacheConfig) -> None:
         wanted = (
@@ -206,9 +317,9 @@ class Cache:
             return
         self._opened = wanted
         self.counters.close()
-        if self.store is not None:
-            self.store.close()
-            self.store = self.backend = self.flight = None
+        if self.backend is not None:
+            self.backend.close()
+        self.store = self.backend = self.fleet = None
         try:
             self.backend = open_backend(
                 config.backend,
@@ -224,7 +335,8 @@ class Cache:
             )
             self.counters = Counters(MemoryCounterStore())
         else:
-            self.store, self.flight = self.backend.entries, self.backend.flight
+            self.store = AsyncStore(self.backend.entries, kind=self.backend.kind)
+            self.fleet = self.backend.flight
             self.counters = Counters(self.backend.counters, flush_interval=COUNTER_FLUSH_SECONDS)
         self._secret_shared = config.partition_secret is not None
         if config.partition_secret is not None:
@@ -253,7 +365,7 @@ class Cache:
             logger.warning("read the shared key secret of the backend: entries are shared again")
         self._secret_shared = True
 
-    # --- hooks ---------------------------------------------------------------------------------
+    # --- request -------------------------------------------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
         config = self.config
@@ -265,46 +377,47 @@ class Cache:
         if rule is None:
             return
         origin = f"{request.scheme}://{request.host}:{request.port}"
-        flow.metadata["fp.route"] = rule.label
-        flow.metadata["fp.origin"] = origin
-        headers = _header_map(request.headers.fields)
+        record = CacheRecord(rule.label, origin, model_from_path(path))
+        flow.metadata[RECORD] = record
+        headers = request.headers
+        header = joined_headers(headers.fields)  # latin-1 text: no header byte can fail to encode again
         raw = request.raw_content
-        accept = headers.get("accept", "")
-        if raw is None or "text/event-stream" in accept:
-            # A streamed request or answer: mitmproxy forwards it as it is.
-            self._decide(_Handling(flow, rule, origin, model_from_path(path), RequestDirectives()), "BYPASS")
+        if raw is None or "text/event-stream" in header.get("accept", ""):
+            self._decide(flow, Decision.BYPASS)  # a streamed exchange: mitmproxy forwards it as it is
             return
-
-        body = canonical_body(
-            raw, headers.get("content-type"), headers.get("content-encoding"), config.ignore_fields
-        )
+        try:
+            body = await _off_the_loop_if_large(
+                len(raw),
+                canonical_body,
+                raw,
+                header.get("content-type"),
+                header.get("content-encoding"),
+                config.ignore_fields,
+                config.request_body_decoded_max,
+            )
+        except BodyTooLarge as exc:  # forwarded untouched, never decoded further
+            logger.info(f"not cached ({exc}; request_body_decoded_max, at most one coding)")
+            self._decide(flow, Decision.BYPASS)
+            return
         document = body.document
         model = document.get("model") if isinstance(document, dict) else None
-        handling = _Handling(
-            flow,
-            rule,
-            origin,
-            model if isinstance(model, str) else model_from_path(path),
-            request_directives(headers.get("cache-control"), headers.get("pragma")),
-        )
-        if isinstance(document, dict) and document.get("stream") is True:
-            self._decide(handling, "BYPASS")
+        if isinstance(model, str):
+            record.model = model
+        directives = request_directives(header.get("cache-control"), header.get("pragma"))
+        namespace = header.get(NAMESPACE_HEADER, "")
+        if NAMESPACE_HEADER in headers:
+            del headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
+        if directives.no_store or (isinstance(document, dict) and document.get("stream") is True):
+            self._decide(flow, Decision.BYPASS)
             return
         if not self._secret_shared:
             self._load_shared_secret()
-        namespace = headers.get(NAMESPACE_HEADER, "")
-        if NAMESPACE_HEADER in headers:
-            del request.headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
 
-        confirmed = True
-        directives = handling.directives
-        if (
-            not directives.only_if_cached
-            and not directives.no_store
-            and self.versions.state(origin, time.time()) is Knowledge.EXPIRED
-        ):
-            confirmed = await self._check_version(request.scheme, request.host, request.port, origin)
-        handling.parts = KeyParts(
+        service = f"{origin} {header.get('host') or request.host}"
+        if service not in self.services:  # not reached yet: where mitmproxy is about to connect
+            self.services[service] = _service_of(flow)
+        confirmed = await self._version_confirmed(service, directives)
+        parts = KeyParts(
             method=request.method,
             scheme=request.scheme,
             host=request.host,
@@ -312,623 +425,750 @@ class Cache:
             path=path,
             query=canonical_query(query),
             body=body.data,
-            headers=key_headers(headers.get, config.vary_headers),
-            partition=partition(headers.get, config.partition_headers, self._secret),
+            headers=key_headers(header.get, config.vary_headers),
+            partition=partition(header.get, config.partition_headers, self._secret),
             namespace=namespace,
-            version=self.versions.current(origin),
+            version=self.versions.current(service),
         )
-        handling.key = cache_key(handling.parts, self._secret)
-        handling.key_id = key_id(handling.key)
-        flow.metadata["fp.key_id"] = handling.key_id
-        where = (request.scheme, request.host, request.port, request.method, request.path)
-        problem = request_problem(*where, request.headers.fields, raw)
-        if problem is not None:  # refused before it could join (and fail) an identical request in flight
-            self._answer_failure(handling, "BYPASS", problem)
-            return
+        if directives.only_if_cached and not parts.partition and not config.only_if_cached_shared:
+            directives = dataclasses.replace(directives, only_if_cached=False)  # no oracle for others' texts
+        whole_key = cache_key(parts, self._secret)
+        batch = await self._rows_of(parts, document, service) if config.per_item_cache else None
+        if batch is None:
+            batch, keys = WholeRequest(body.data), [whole_key]
+        else:
+            keys = [self._row_key(parts, row.key) for row in batch.rows]
+        record.key_id = key_id(whole_key)
+        asked = Asked(
+            flow,
+            rule,
+            record,
+            directives,
+            service,
+            parts,
+            batch,
+            keys,
+            confirmed,
+            batch.protocol != "whole",
+            whole_key,
+        )
 
-        if directives.no_store:
-            await self._fetch_and_answer(handling, "BYPASS", share=False)
-            return
+        lookup = Lookup(missing=list(dict.fromkeys(keys)))
         if not directives.no_cache:
-            entry = self._lookup(handling)
-            if entry is not None:
-                now = time.time()
-                use = usability(
-                    entry,
-                    now=now,
-                    lifetime=response_lifetime(_header(entry, "cache-control"), config.ttl),
-                    max_age=directives.max_age,
-                    stale_if_error=config.stale_if_error,
-                    current_version=handling.parts.version,
-                )
-                if use is Usability.FRESH and (confirmed or directives.only_if_cached):
-                    self._answer_from_entry(handling, entry, "HIT", now)
-                    if self.versions.state(origin, now) is Knowledge.DUE:
-                        self._check_version_in_background(request.scheme, request.host, request.port, origin)
-                    return
-                if use is not Usability.UNUSABLE:
-                    handling.stale = entry
-        if config.per_item_cache and (batch := await self._batch(handling, document)) is not None:
-            await self._answer_rows(handling, batch, confirmed)
+            # One read: the rows, and for a batch the whole answer too (an upstream that does not
+            # answer in rows is stored whole).
+            entries = await self._read(asked, [*keys, whole_key] if asked.split else keys)
+            whole = entries.get(whole_key) if asked.split else None
+            if whole is not None and whole.model_version == parts.version:
+                asked.as_whole()
+                batch, keys = asked.batch, asked.keys
+            lookup = sort_entries(
+                batch,
+                keys,
+                entries,
+                now=time.time(),
+                directives=directives,
+                ttl=config.ttl,
+                stale_if_error=config.stale_if_error,
+                version=parts.version,
+                confirmed=confirmed,
+            )
+        if not lookup.missing:
+            self._answer_from_store(asked, lookup)
             return
         if directives.only_if_cached:
-            flow.response = self._error(
-                handling,
-                "MISS",
-                504,
-                "not_cached",
-                "No cached answer for this request, and `Cache-Control: only-if-cached` forbids asking the "
-                "upstream. Send the request without only-if-cached to have it computed.",
-            )
-            self._decide(handling, "MISS")
+            self._answer_not_cached(asked, lookup)
             return
-        await self._fetch_and_answer(handling, "REFRESH" if directives.no_cache else "MISS", share=True)
+        # Rows another request is asking for right now are waited for; a second round covers rows
+        # whose leader went away (one of its waiters asks again, the others wait for that one).
+        for _ in range(2):
+            if directives.no_cache:
+                break
+            flights = self.flights.join([key for key in lookup.missing if key not in lookup.borrowed])
+            if not flights and asked.split:
+                flights = self.flights.join([asked.whole_key])  # an upstream that answers whole
+            if not flights:
+                break
+            if await self._wait_for(asked, lookup, flights):
+                return
+        await self._lead(asked, lookup)
+
+    async def _rows_of(self, parts: KeyParts, document: Any, service: str) -> Batch | None:
+        """The request's rows when it is a batch the cache answers row by row, else None."""
+        assert self.config is not None
+        protocol = protocol_of(parts.path)
+        batch: Batch | None = None
+        if _batch_size(document) > self.config.max_batch_rows:
+            return None  # cached whole: the work one request makes the proxy do stays bounded
+        if protocol == "openai-embeddings":
+            batch = split_embeddings(document, self.config.ignore_fields)
+        elif protocol == "kserve-v2-infer":
+            batch = split_inference(document, self.config.ignore_fields)
+            if batch is not None and not await self._model_batches(service, parts):
+                batch = None
+        return batch
+
+    def _row_key(self, parts: KeyParts, row: bytes) -> str:
+        return cache_key(dataclasses.replace(parts, body=_ROW_PREFIX + row), self._secret)
+
+    async def _read(self, asked: Asked, keys: list[str]) -> dict[str, Entry | None]:
+        if self.store is None:
+            self._store_failed(asked, "the cache store could not be opened")
+            return {}
+        try:
+            return await self.store.get_many(keys)
+        except StoreError as exc:
+            self._store_failed(asked, str(exc))
+            return {}
+
+    # --- waiting for a request in flight -------------------------------------------------------
+
+    async def _wait_for(self, asked: Asked, lookup: Lookup, flights: list[Flight]) -> bool:
+        """Answer from the flights computing the missing rows; False when this flow must ask itself."""
+        assert self.config is not None
+        # An answer complete before this request came (its rows being written to the store) is a HIT.
+        answered_before = [flight.published for flight in flights]
+        outcomes = await asyncio.gather(*(f.outcome(self.config.upstream_timeout) for f in flights))
+        rows: dict[str, RowAnswer] = {}
+        shared: _Shared | None = None
+        failure: _Failure | None = None
+        for outcome in outcomes:
+            if outcome is None:
+                continue
+            rows.update(outcome.rows)
+            shared = outcome.context or shared
+            failure = outcome.failure or failure
+        if asked.split and asked.whole_key in rows:  # the leader's upstream does not answer in rows
+            asked.as_whole()
+            lookup.found, lookup.stale, lookup.missing = {}, {}, [asked.whole_key]
+        lookup.borrowed.update((key, rows[key]) for key in lookup.missing if key in rows)
+        for outcome, ready in zip(outcomes, answered_before, strict=True):
+            if ready and outcome is not None:  # answered before this request came: as good as stored
+                lookup.ready.update(key for key in lookup.missing if key in outcome.rows)
+        if all(key in lookup.borrowed for key in lookup.missing) and shared is not None:
+            answers = {key: stored.answer for key, stored in lookup.found.items()} | lookup.borrowed
+            if all(key in lookup.ready for key in lookup.missing):
+                self._answer_rows(
+                    asked, Decision.HIT, shared, answers, from_cache=len(asked.keys), stored_at=time.time()
+                )
+            else:
+                decision = Decision.PARTIAL if self._from_cache(asked, lookup) else Decision.COALESCED
+                self._answer_rows(
+                    asked, decision, shared, answers, from_cache=self._from_cache(asked, lookup)
+                )
+            self._count_rows(asked, lookup, upstream=0)
+            return True
+        if failure is not None:
+            self._answer_failure(asked, lookup, failure, Decision.COALESCED)
+            return True
+        return False  # not shareable with this request, or no answer in time: ask on its own
+
+    # --- leading: mitmproxy forwards the request -----------------------------------------------
+
+    async def _lead(self, asked: Asked, lookup: Lookup) -> None:
+        assert self.config is not None
+        flow, batch = asked.flow, asked.batch
+        asking = [key for key in lookup.missing if key not in lookup.borrowed]
+        missing = set(asking)
+        positions = batch.first_positions(
+            position for position, key in enumerate(asked.keys) if key in missing
+        )
+        rewritten = asked.split and len(positions) != len(asked.keys)
+        if rewritten:
+            request = flow.request
+            request.headers.pop("content-encoding", None)
+            request.headers["accept-encoding"] = "identity"  # rows are split from plain JSON
+            request.content = batch.request_body(positions)
+        flight = self.flights.lead(asking)
+        lead = _Lead(asked, lookup, positions, rewritten, flight, time.monotonic())
+        if self.fleet is not None and self.store is not None:
+            held, stored = await self.fleet.take(
+                cache_key(asked.parts, self._secret),
+                self._fleet_lookup(asked, lookup, time.time()),
+                wait=self.config.upstream_timeout,
+            )
+            if stored is not None:  # another proxy asked and stored every missing row
+                rows = {key: found.answer for key, found in stored.items()}
+                self.flights.publish(
+                    flight, Outcome(rows=rows, context=_shared_of(next(iter(stored.values())).entry))
+                )
+                self.flights.finish(flight)  # this proxy's waiters have their rows too
+                if asked.whole_key in stored and asked.split:  # its upstream answers whole
+                    asked.as_whole()
+                    lookup.found = {}
+                lookup.found.update(stored)
+                lookup.missing = []
+                self._answer_from_store(asked, lookup, Decision.COALESCED)
+                return
+            lead.held = held
+        flow.metadata[_LEAD] = lead
+        lead.deadline = asyncio.get_running_loop().call_later(
+            self.config.upstream_timeout, self._give_up, lead
+        )
+
+    def _fleet_lookup(self, asked: Asked, lookup: Lookup, since: float) -> Any:
+        """A blocking read (the fleet polls it in a thread): the missing rows once another proxy stored
+        them all, or the whole answer when its upstream answers whole; else None."""
+        store, batch, missing, whole_key = self.store, asked.batch, list(lookup.missing), asked.whole_key
+
+        def stored_rows() -> dict[str, Stored] | None:
+            assert store is not None
+            found = {}
+            for key in missing:
+                entry = store.store.get(key)
+                answer = batch.load_answer(entry.content) if entry is not None else None
+                if entry is None or answer is None or entry.stored_at < since:
+                    break
+                found[key] = Stored(answer, entry)
+            else:
+                return found
+            if whole_key in missing:
+                return None
+            entry = store.store.get(whole_key)
+            if entry is None or entry.stored_at < since:
+                return None
+            return {whole_key: Stored(RowAnswer(None, 0, raw=entry.content), entry)}
+
+        return stored_rows
+
+    def _give_up(self, lead: _Lead) -> None:
+        """`upstream_timeout` ran out before the upstream answered: end the exchange (the `error` hook
+        answers the client)."""
+        flow = lead.asked.flow
+        if flow.error is None and flow.metadata.get(_LEAD) is lead:
+            lead.timed_out = True
+            if not abort_upstream(flow):
+                self._settle(lead, Outcome())  # its waiters stop waiting for it at least
+
+    # --- response ------------------------------------------------------------------------------
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or self.config is None:
+            return
+        self._learn(flow, response)
+        lead: _Lead | None = flow.metadata.pop(_LEAD, None)
+        if lead is None:
+            record: CacheRecord | None = flow.metadata.get(RECORD)
+            if record is not None and record.decision is Decision.BYPASS and flow.server_conn.timestamp_start:
+                seconds = max(
+                    (response.timestamp_end or time.time()) - (flow.request.timestamp_end or 0), 0.0
+                )
+                record.upstream_seconds = seconds
+                self._count_record(record, "upstream_seconds", seconds)
+            return
+        if lead.deadline is not None:
+            lead.deadline.cancel()
+        config, asked, lookup = self.config, lead.asked, lead.lookup
+        seconds = time.monotonic() - lead.started
+        asked.record.upstream_seconds = seconds
+        self._count(asked, "upstream_seconds", seconds)
+        status = response.status_code
+        if status >= 500:
+            self._count(asked, "upstream_errors")
+        version = response.headers.get(config.version_header, asked.parts.version)
+        if version != asked.parts.version and not lookup.found:  # the key of the version that answers
+            versioned = dataclasses.replace(asked.parts, version=version)
+            asked.record.key_id = key_id(cache_key(versioned, self._secret))
+        decision = Decision.REFRESH if asked.directives.no_cache else Decision.MISS
+        if self._from_cache(asked, lookup):
+            decision = Decision.PARTIAL
+
+        if status >= 500 and self._stale_covers(lookup):
+            self._settle(lead, Outcome())
+            self._answer_stale(asked, lookup)
+            return
+        if opaque_server_error(
+            status, {"content-type": response.headers.get("content-type", "")}, response.raw_content or b""
+        ):
+            self._settle(lead, Outcome())
+            self._answer_opaque(asked, status, response.headers.get("content-type"), decision)
+            return
+
+        keyed = (*KEY_HEADERS, *PARTITION_HEADERS, *config.partition_headers, *config.vary_headers)
+        content = response.raw_content or b""
+        reason = await _off_the_loop_if_large(
+            len(content),
+            functools.partial(
+                unstorable,
+                statuses=config.statuses,
+                max_entry_size=config.max_entry_size,
+                keyed_headers=keyed,
+            ),
+            status,
+            response.headers.fields,
+            content,
+        )
+        fresh: list[RowAnswer] | None = None
+        if asked.split and 200 <= status < 300:
+            try:
+                decoded = response.get_content(strict=False) or b""
+                fresh = asked.batch.fresh_answers(
+                    lead.positions, decoded, response.headers.get(INPUT_TOKENS_HEADER)
+                ).answers
+            except (AnswerMismatch, ValueError) as exc:
+                if lead.rewritten or reason is not None:
+                    reason = reason or f"the answer cannot be split into rows ({exc})"
+                else:  # the client's own request: its answer is kept whole, as for any request
+                    asked.as_whole()
+                    lead.positions = [0]
+        if not asked.split:
+            fresh = [RowAnswer(None, 0, raw=content)]
+        if lookup.found and version != asked.parts.version:
+            # The upstream runs another version than the rows from the store: never mix deployments.
+            self._settle(lead, Outcome())
+            self._answer_version_changed(asked, decision)
+            return
+        if fresh is None:
+            self._settle(lead, Outcome())
+            if lead.rewritten and 200 <= status < 300:
+                self._answer_unsplittable(asked, reason or "", decision)
+            else:  # the upstream's own answer (an error names the rows it was sent): passed on as is
+                self._finish_record(asked, decision, response, rows_upstream=len(lead.positions))
+            return
+
+        sent = [asked.keys[position] for position in lead.positions]
+        answers = {key: stored.answer for key, stored in lookup.found.items()} | lookup.borrowed
+        answers.update(zip(sent, fresh, strict=True))
+        stored_headers = tuple(
+            (name, value)
+            for name, value in response.headers.fields
+            if name.decode("latin-1").lower() not in (_NOT_STORED_ROWS if asked.split else _NOT_STORED)
+        )
+        shared = _Shared(status, response.reason.encode("latin-1"), stored_headers, version)
+        if lead.rewritten or lookup.found or lookup.borrowed:
+            self._answer_rows(asked, decision, shared, answers, from_cache=self._from_cache(asked, lookup))
+        else:  # the client's own request and every row fresh: the upstream's answer as it came
+            self._finish_record(asked, decision, response, rows_upstream=len(lead.positions))
+        self._count_rows(asked, lookup, upstream=len(lead.positions))
+        if lookup.found:  # the rows the store served saved their upstream time
+            self._count(
+                asked, "upstream_seconds_saved", sum(f.entry.upstream_seconds for f in lookup.found.values())
+            )
+            self._count(
+                asked, "bytes_served_from_cache", sum(len(f.entry.content) for f in lookup.found.values())
+            )
+
+        if reason is not None:
+            logger.debug(f"not stored ({reason}): {asked.rule.label} {asked.record.key_id}")
+            self._settle(lead, Outcome())
+            return
+        rows = dict(zip(sent, fresh, strict=True))
+        if version != asked.parts.version:  # stored under the version that computed them
+            versioned = dataclasses.replace(asked.parts, version=version)
+            sent = [
+                self._row_key(versioned, asked.batch.rows[position].key)
+                if asked.split
+                else cache_key(versioned, self._secret)
+                for position in lead.positions
+            ]
+            self.flights.alias(lead.flight, sent)  # the next request asks with the new version's keys
+            rows.update(zip(sent, fresh, strict=True))
+        self.flights.publish(lead.flight, Outcome(rows=rows, context=shared))
+        entries = [
+            (key, self._entry(asked, shared, answer, seconds / max(len(fresh), 1), version))
+            for key, answer in zip(sent, fresh, strict=True)
+        ]
+        self._spawn(self._store(lead, entries), name="store")
+
+    async def _store(self, lead: _Lead, entries: list[tuple[str, Entry]]) -> None:
+        assert self.config is not None
+        asked, config, stored = lead.asked, self.config, False
+        try:
+            if self.store is not None:
+                items = [
+                    (key, entry, expire_seconds(entry, config.ttl, config.stale_if_error))
+                    for key, entry in entries
+                ]
+                evicted = await self.store.set_many(items)
+                stored = True
+                self._count(asked, "stores", len(items))
+                if evicted:
+                    self.counters.count("evictions", origin="", route="", model=None, amount=evicted)
+        except StoreError as exc:
+            self._store_failed(asked, str(exc))
+        finally:
+            self.flights.finish(lead.flight)
+            if lead.held is not None and self.fleet is not None:
+                await self.fleet.release(lead.held, stored)
+
+    def _settle(self, lead: _Lead, outcome: Outcome) -> None:
+        """The lead ends without storing: waiters get `outcome`, the fleet's lease goes."""
+        self.flights.publish(lead.flight, outcome)
+        self.flights.finish(lead.flight)
+        if lead.held is not None and self.fleet is not None:
+            held, lead.held = lead.held, None
+            self._spawn(self.fleet.release(held, False), name="release")
+
+    def _entry(
+        self, asked: Asked, shared: _Shared, answer: RowAnswer, seconds: float, version: str | None
+    ) -> Entry:
+        request = asked.flow.request
+        headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in shared.headers)
+        if answer.estimated:
+            headers += ((USAGE_HEADER, "estimated"),)
+        content = answer.body()
+        return Entry(
+            status_code=shared.status,
+            headers=headers,
+            content=content,
+            stored_at=time.time(),
+            upstream_seconds=seconds,
+            model_version=version,
+            origin=asked.record.origin,
+            route=asked.rule.label,
+            model=asked.record.model,
+            method=request.method,
+            path=request.path,
+            key_id=asked.record.key_id,
+            size=len(content) + sum(len(name) + len(value) + 4 for name, value in headers),
+        )
+
+    # --- error ---------------------------------------------------------------------------------
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        lead: _Lead | None = flow.metadata.pop(_LEAD, None)
+        record: CacheRecord | None = flow.metadata.get(RECORD)
+        if lead is None:
+            if record is not None and record.decision is Decision.BYPASS:
+                self.counters.count(
+                    "upstream_errors", origin=record.origin, route=record.route, model=record.model
+                )
+            return
+        if lead.deadline is not None:
+            lead.deadline.cancel()
+        asked = lead.asked
+        message = flow.error.msg if flow.error is not None else "the exchange failed"
+        if "client disconnected" in message.lower():
+            self._settle(lead, Outcome())  # the upstream is fine: waiters ask it themselves
+            self._decide(flow, Decision.MISS)
+            return
+        self._count(asked, "upstream_errors")
+        failure = self._failure(asked, message, lead.timed_out)
+        self._settle(lead, Outcome(failure=failure))
+        decision = (
+            Decision.PARTIAL
+            if lead.lookup.found
+            else (Decision.REFRESH if asked.directives.no_cache else Decision.MISS)
+        )
+        self._answer_failure(asked, lead.lookup, failure, decision)
+        if flow.response is not None:
+            answer_instead(flow.response)  # mitmproxy writes the error page itself: this instead
+            flow.response = None
+
+    def _failure(self, asked: Asked, message: str, timed_out: bool) -> _Failure:
+        assert self.config is not None
+        if timed_out:
+            cause = f"no answer within {self.config.upstream_timeout:g}s"
+            status, code, advice = 504, "upstream_timeout", "Retry later, or raise upstream_timeout."
+        else:
+            cause = _plain_cause(message)
+            if any(
+                word in cause.lower() for word in ("refused", "resolve", "unreachable", "name or service")
+            ):
+                status, code = 502, "upstream_unreachable"
+                advice = "Check that the upstream is running and reachable."
+            else:
+                status, code, advice = 502, "upstream_failed", "Check the upstream's logs; retry later."
+        origin = asked.record.origin
+        return _Failure(status, code, f"The upstream {origin} did not answer: {cause}. {advice}", cause)
+
+    # --- answering -----------------------------------------------------------------------------
+
+    def _answer_from_store(self, asked: Asked, lookup: Lookup, decision: Decision = Decision.HIT) -> None:
+        shared = _shared_of(lookup.found[asked.keys[0]].entry)
+        answers = {key: stored.answer for key, stored in lookup.found.items()}
+        oldest = min(stored.entry.stored_at for stored in lookup.found.values())
+        self._answer_rows(asked, decision, shared, answers, from_cache=len(asked.keys), stored_at=oldest)
+        saved = sum(lookup.found[key].entry.upstream_seconds for key in dict.fromkeys(asked.keys))
+        asked.record.upstream_seconds = saved
+        served = asked.flow.response
+        self._count(asked, "bytes_served_from_cache", len(served.raw_content or b"") if served else 0)
+        self._count(asked, "upstream_seconds_saved", saved)
+        self._count_rows(asked, lookup, upstream=0)
+        if decision is Decision.HIT and self.versions.state(asked.service, time.time()) is Knowledge.DUE:
+            self._check_version_soon(asked.service)
+
+    def _answer_rows(
+        self,
+        asked: Asked,
+        decision: Decision,
+        shared: _Shared,
+        answers: dict[str, RowAnswer],
+        *,
+        from_cache: int,
+        stored_at: float | None = None,
+    ) -> None:
+        """Put the client's answer together from one answer per row, and send it."""
+        try:
+            content = asked.batch.merge([answers[key] for key in asked.keys])
+        except ValueError as exc:
+            self._answer_unsplittable(asked, str(exc), decision)
+            return
+        fields = [
+            (name, value)
+            for name, value in shared.headers
+            if name.decode("latin-1").lower() not in _NOT_STORED
+        ]
+        fields += [(b"x-cache", decision.value.encode()), (b"x-cache-key", asked.record.key_id.encode())]
+        if stored_at is not None:
+            fields.append((b"age", str(max(int(time.time() - stored_at), 0)).encode()))
+        if asked.split:
+            fields.append((ROWS_HEADER.lower().encode(), f"{from_cache}/{len(asked.keys)}".encode()))
+        if asked.batch.protocol == "openai-embeddings":
+            estimated = any(answers[key].estimated for key in asked.keys)
+            asked.record.usage = "estimated" if estimated else "exact"
+            fields.append((USAGE_HEADER.encode(), asked.record.usage.encode()))
+            if not estimated:  # each input's own count, as a model API that reports them writes it
+                counts = ",".join(str(answers[key].tokens or 0) for key in asked.keys)
+                fields.append((INPUT_TOKENS_HEADER.lower().encode(), counts.encode()))
+        fields.append((b"content-length", str(len(content)).encode()))
+        now = time.time()
+        asked.flow.response = http.Response(
+            http_version=b"HTTP/1.1",
+            status_code=shared.status,
+            reason=shared.reason,
+            headers=http.Headers(fields),
+            content=None,
+            trailers=None,
+            timestamp_start=now,
+            timestamp_end=now,
+        )
+        asked.flow.response.raw_content = content
+        if asked.split:
+            asked.record.rows = RowFigures(len(asked.keys), from_cache, 0)
+        self._decide(asked.flow, decision)
+
+    def _finish_record(
+        self, asked: Asked, decision: Decision, response: http.Response, *, rows_upstream: int
+    ) -> None:
+        """The upstream's own answer goes to the client: add the cache's headers."""
+        response.headers["x-cache"] = decision.value
+        response.headers["x-cache-key"] = asked.record.key_id
+        if asked.split:
+            response.headers[ROWS_HEADER] = f"0/{len(asked.keys)}"
+            asked.record.rows = RowFigures(len(asked.keys), 0, rows_upstream)
+        self._decide(asked.flow, decision)
+
+    def _from_cache(self, asked: Asked, lookup: Lookup) -> int:
+        return sum(1 for key in asked.keys if key in lookup.found or key in lookup.ready)
+
+    def _count_rows(self, asked: Asked, lookup: Lookup, *, upstream: int) -> None:
+        if not asked.split:
+            return
+        from_cache = self._from_cache(asked, lookup)
+        if asked.record.rows is not None:
+            asked.record.rows.upstream = upstream
+        self._count(asked, "rows", len(asked.keys))
+        self._count(asked, "rows_from_cache", from_cache)
+        self._count(asked, "rows_upstream", upstream)
+
+    def _stale_covers(self, lookup: Lookup) -> bool:
+        return bool(lookup.missing) and all(key in lookup.stale for key in lookup.missing)
+
+    def _answer_stale(self, asked: Asked, lookup: Lookup) -> None:
+        logger.info(f"serving stale rows for {asked.record.origin}: the upstream failed")
+        stale = Lookup(found={**lookup.found, **{key: lookup.stale[key] for key in lookup.missing}})
+        self._answer_from_store(asked, stale, Decision.STALE)
+
+    def _answer_failure(self, asked: Asked, lookup: Lookup, failure: _Failure, decision: Decision) -> None:
+        if self._stale_covers(lookup):
+            self._answer_stale(asked, lookup)
+            return
+        asked.flow.response = self._error(
+            asked, decision, failure.status, failure.code, failure.message, cause=failure.cause
+        )
+        self._decide(asked.flow, decision)
+
+    def _answer_not_cached(self, asked: Asked, lookup: Lookup) -> None:
+        what = (
+            f"{len(lookup.missing)} of the {len(dict.fromkeys(asked.keys))} rows of this batch are"
+            if asked.split
+            else "No cached answer for this request is"
+        )
+        asked.flow.response = self._error(
+            asked,
+            Decision.MISS,
+            504,
+            "not_cached",
+            f"{what} not cached, and `Cache-Control: only-if-cached` forbids asking the upstream. Send the "
+            "request without only-if-cached to have it computed.",
+        )
+        self._decide(asked.flow, Decision.MISS)
+
+    def _answer_opaque(self, asked: Asked, status: int, media: str | None, decision: Decision) -> None:
+        cause = f"it answered {status} with {media or 'no Content-Type'}, not a JSON error"
+        message = (
+            f"The upstream {asked.record.origin} failed: {cause}. Check the upstream's logs; retry later."
+        )
+        asked.flow.response = self._error(
+            asked, decision, 502, "upstream_error", message, cause=cause, upstream_status=status
+        )
+        self._decide(asked.flow, decision)
+
+    def _answer_unsplittable(self, asked: Asked, why: str, decision: Decision) -> None:
+        message = (
+            f"The upstream {asked.record.origin} answered the batch's missing rows in a shape the proxy "
+            f"cannot put together with the cached rows: {why}. Retry with `Cache-Control: no-cache`, or "
+            "turn per_item_cache off for this upstream."
+        )
+        asked.flow.response = self._error(asked, decision, 502, "upstream_answer_unsplittable", message)
+        self._decide(asked.flow, decision)
+
+    def _answer_version_changed(self, asked: Asked, decision: Decision) -> None:
+        message = (
+            f"The upstream {asked.record.origin} was redeployed while this batch was answered; rows of two "
+            "versions are never mixed. Retry: the whole batch is then computed by the new version."
+        )
+        asked.flow.response = self._error(
+            asked, decision, 503, "upstream_version_changed", message, extra_headers={"retry-after": "0"}
+        )
+        self._decide(asked.flow, decision)
+
+    def _error(
+        self,
+        asked: Asked,
+        decision: Decision,
+        status: int,
+        code: str,
+        message: str,
+        extra_headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> http.Response:
+        headers = {"x-cache": decision.value, "x-cache-key": asked.record.key_id, **(extra_headers or {})}
+        return error_response(status, code, message, headers=headers, upstream=asked.record.origin, **extra)
+
+    def _decide(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        record: CacheRecord = flow.metadata[RECORD]
+        record.decision = decision
+        self._count_record(record, "requests")
+        self._count_record(record, decision.counter)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        record: CacheRecord | None = flow.metadata.get(RECORD)
         if (
             flow.response is not None
-            and flow.metadata.get("fp.cache") == "BYPASS"
+            and record is not None
+            and record.decision is Decision.BYPASS
             and "x-cache" not in flow.response.headers
         ):
             flow.response.headers["x-cache"] = "BYPASS"  # a streamed exchange mitmproxy forwards itself
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        """Learn the upstream's version from answers mitmproxy forwarded (the cache's own fetches teach it
-        directly)."""
-        if (
-            flow.response is None
-            or flow.metadata.get("fp.cache") not in (None, "BYPASS")
-            or self.config is None
-        ):
-            return
-        version = flow.response.headers.get(self.config.version_header)
-        if version is not None and flow.server_conn.timestamp_start is not None:
-            request = flow.request
-            self.versions.learn(f"{request.scheme}://{request.host}:{request.port}", version, time.time())
+    # --- versions and model metadata -----------------------------------------------------------
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get("fp.cache") == "BYPASS" and "fp.route" in flow.metadata:
-            self._count_for(flow, "upstream_errors")
-
-    # --- deciding and answering ----------------------------------------------------------------
-
-    def _lookup(self, handling: _Handling) -> Entry | None:
-        if self.store is None:
-            self._store_failed(handling, "the cache store could not be opened")
-            return None
-        try:
-            return self.store.get(handling.key)
-        except StoreError as exc:
-            self._store_failed(handling, str(exc))
-            return None
-
-    async def _fetch_and_answer(self, handling: _Handling, decision: str, *, share: bool) -> None:
+    def _learn(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Every answer mitmproxy forwarded teaches the service's address and current version."""
         assert self.config is not None
-        flow = handling.flow
+        request = flow.request
+        origin = f"{request.scheme}://{request.host}:{request.port}"
+        service = f"{origin} {request.headers.get('host') or request.host}"
+        if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
+            return  # answered by an addon, not by the upstream
+        self.services[service] = _service_of(flow)
+        version = response.headers.get(self.config.version_header)
+        learned = version is not None or 200 <= response.status_code < 300
+        if learned and self.versions.learn(service, version, time.time()) and version is not None:
+            logger.info(f"{service} now runs version {version}")
 
-        async def fetch() -> _Fetched:
-            return await self._fetch(handling)
-
-        async def store(fetched: _Fetched) -> None:
-            await self._store(handling, fetched)
-
-        try:
-            if share and self.flight is not None:
-                fetched, role = await self._flights.run(
-                    handling.key,
-                    lambda: self._fetch_for_fleet(handling),
-                    timeout=self.config.upstream_timeout,
-                )
-            elif share:
-                fetched, role = await self._flights.run(
-                    handling.key, fetch, timeout=self.config.upstream_timeout, after=store
-                )
-            else:
-                fetched, role = await fetch(), Role.LEADER
-        except UpstreamError as exc:
-            self._answer_failure(handling, decision, exc)
-            return
-        except TimeoutError:
-            failure = UpstreamError("timeout", f"no answer within {self.config.upstream_timeout:g}s")
-            self._answer_failure(handling, "COALESCED", failure)
-            return
-        response = fetched.response
-        if role is Role.WAITER or fetched.from_fleet:
-            decision = "COALESCED"
-        if response.status_code >= 500 and handling.stale is not None:
-            self._answer_from_entry(handling, handling.stale, "STALE", time.time())
-            return
-        handling.key, handling.key_id = fetched.key, fetched.key_id
-        flow.metadata["fp.key_id"] = fetched.key_id
-        flow.metadata["fp.upstream_seconds"] = response.seconds
-        if self._answer_opaque_server_error(
-            handling, decision, response.status_code, response.headers, response.content
-        ):
-            return
-        fields = [(name, value) for name, value in response.headers]
-        fields += _cache_headers(decision, fetched.key_id, None)
-        fields.append((b"content-length", str(len(response.content)).encode()))
-        flow.response = _response(response.status_code, response.reason, fields, response.content)
-        self._decide(handling, decision)
-
-    async def _fetch(self, handling: _Handling) -> _Fetched:
-        """One upstream call for `handling`'s request (run once per key in flight)."""
-        assert self.config is not None and handling.parts is not None
-        request = handling.flow.request
-        try:
-            response = await self.client.request(
-                request.scheme,
-                request.host,
-                request.port,
-                request.method,
-                request.path,
-                request.headers.fields,
-                request.raw_content or b"",
-                self.config.upstream_timeout,
-                server_name=request.pretty_host,
-            )
-        except UpstreamError as exc:
-            if exc.kind != "invalid_request":  # the client's fault: the upstream was not asked
-                self._count(handling, "upstream_errors")
-            raise
-        self._count(handling, "upstream_seconds", response.seconds)
-        if response.status_code >= 500:
-            self._count(handling, "upstream_errors")
-        version_bytes = response.header(self.config.version_header.lower().encode())
-        version = version_bytes.decode("latin-1") if version_bytes is not None else handling.parts.version
-        if version_bytes is not None:
-            self.versions.learn(handling.origin, version, time.time())
-        if version == handling.parts.version:
-            return _Fetched(response, version, handling.key, handling.key_id)
-        key = cache_key(dataclasses.replace(handling.parts, version=version), self._secret)
-        return _Fetched(response, version, key, key_id(key))
-
-    async def _fetch_for_fleet(self, handling: _Handling) -> _Fetched:
-        """The one upstream call of the fleet for `handling`'s key: this proxy makes it and stores the answer
-        (under a Redis lease), or it waits for the answer another proxy is computing and stores."""
-        assert self.config is not None and self.flight is not None
-        started = time.time()
-        store = self.store
-
-        def lookup() -> _Fetched | None:
-            entry = store.get(handling.key) if store is not None else None
-            if entry is None or entry.stored_at < started:  # an older entry is what REFRESH replaces
-                return None
-            fields = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers)
-            response = UpstreamResponse(entry.status_code, b"", fields, entry.content, 0.0)
-            return _Fetched(response, entry.model_version, handling.key, entry.key_id, from_fleet=True)
-
-        async def publish(fetched: _Fetched) -> bool:
-            return await self._store(handling, fetched) and fetched.key == handling.key
-
-        fetched, _ = await self.flight.run(
-            handling.key,
-            lambda: self._fetch(handling),
-            publish,
-            lookup,
-            wait=self.config.upstream_timeout,
-        )
-        return fetched
-
-    async def _store(self, handling: _Handling, fetched: _Fetched) -> bool:
-        """Store a fetched answer when the policy allows (run once per upstream call); whether it was."""
-        config = self.config
-        assert config is not None
-        response = fetched.response
-        header = {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
-        keyed = (*KEY_HEADERS, *PARTITION_HEADERS, *config.vary_headers, *config.partition_headers)
-        reason = unstorable_reason(
-            response.status_code, header, len(response.content), config.statuses, config.max_entry_size, keyed
-        )
-        if reason is None and unparsable_json(header, response.content):
-            reason = "a JSON answer whose body does not parse"
-        if reason is not None:
-            logger.debug(f"not stored ({reason}): {handling.rule.label} {handling.key_id}")
-            return False
-        if self.store is None:
-            return False  # already counted as a store error by the lookup
-        request = handling.flow.request
-        headers = tuple(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in response.headers
-            if name.decode("latin-1") not in _NOT_STORED
-        )
-        entry = Entry(
-            status_code=response.status_code,
-            headers=headers,
-            content=response.content,
-            stored_at=time.time(),
-            upstream_seconds=response.seconds,
-            model_version=fetched.version,
-            origin=handling.origin,
-            route=handling.rule.label,
-            model=handling.model,
-            method=request.method,
-            path=request.path,
-            key_id=fetched.key_id,
-            size=len(response.content) + sum(len(name) + len(value) + 4 for name, value in headers),
-        )
-        expire = response_lifetime(header.get("cache-control"), config.ttl) + config.stale_if_error
-        # One SQLite transaction (~0.1 ms) costs less on the event loop than a hand-off to a thread, but
-        # let the flows waiting for this answer send it first.
-        await asyncio.sleep(0)
-        try:
-            evicted = self.store.set(fetched.key, entry, expire)
-        except StoreError as exc:
-            self._store_failed(handling, str(exc))
-            return False
-        self._count(handling, "stores")
-        if evicted:
-            self.counters.count("evictions", origin="", route="", model=None, amount=evicted)
-        return True
-
-    def _answer_from_entry(self, handling: _Handling, entry: Entry, decision: str, now: float) -> None:
-        fields = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers]
-        fields += _cache_headers(decision, entry.key_id, age_header(entry, now))
-        fields.append((b"content-length", str(len(entry.content)).encode()))
-        handling.flow.response = _response(entry.status_code, b"", fields, entry.content)
-        handling.flow.metadata["fp.key_id"] = entry.key_id
-        handling.flow.metadata["fp.upstream_seconds"] = entry.upstream_seconds
-        self._decide(handling, decision)
-        self._count(handling, "bytes_served_from_cache", len(entry.content))
-        self._count(handling, "upstream_seconds_saved", entry.upstream_seconds)
-
-    def _answer_failure(self, handling: _Handling, decision: str, failure: UpstreamError) -> None:
-        if failure.kind == "invalid_request":
-            message = f"The proxy cannot forward this request: {failure.message}. Fix the request's headers."
-            handling.flow.response = self._error(handling, decision, 400, "invalid_request", message)
-            self._decide(handling, decision)
-            return
-        if handling.stale is not None:
-            logger.info(f"serving a stale entry for {handling.origin}: {failure.message}")
-            self._answer_from_entry(handling, handling.stale, "STALE", time.time())
-            return
-        if failure.kind == "timeout":
-            status, code, advice = 504, "upstream_timeout", "Retry later, or raise upstream_timeout."
-        elif failure.kind == "unreachable":
-            status, code, advice = (
-                502,
-                "upstream_unreachable",
-                "Check that the upstream is running and reachable.",
-            )
-        else:
-            status, code, advice = 502, "upstream_failed", "Check the upstream's logs; retry later."
-        message = f"The upstream {handling.origin} did not answer: {failure.message}. {advice}"
-        handling.flow.response = self._error(handling, decision, status, code, message, cause=failure.message)
-        self._decide(handling, decision)
-
-    def _answer_opaque_server_error(
-        self,
-        handling: _Handling,
-        decision: str,
-        status: int,
-        headers: Sequence[tuple[bytes, bytes]],
-        content: bytes,
-    ) -> bool:
-        """Answer an upstream 5xx without a JSON body as a 502 in the proxy's error shape; whether it did."""
-        if status < 500:  # every successful answer passes here: decode no headers for it
-            return False
-        header = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in headers}
-        if not opaque_server_error(status, header, content):
-            return False
-        media = header.get("content-type") or "no Content-Type"
-        cause = f"it answered {status} with {media}, not a JSON error"
-        message = f"The upstream {handling.origin} failed: {cause}. Check the upstream's logs; retry later."
-        handling.flow.response = self._error(
-            handling, decision, 502, "upstream_error", message, cause=cause, upstream_status=status
-        )
-        self._decide(handling, decision)
-        return True
-
-    def _error(
-        self, handling: _Handling, decision: str, status: int, code: str, message: str, **extra: Any
-    ) -> http.Response:
-        headers = {"x-cache": decision, "x-cache-key": handling.key_id}
-        return error_response(status, code, message, headers=headers, upstream=handling.origin, **extra)
-
-    def _decide(self, handling: _Handling, decision: str) -> None:
-        flow = handling.flow
-        flow.metadata["fp.cache"] = decision
-        if handling.model is not None:
-            flow.metadata["fp.model"] = handling.model
-        self._count(handling, "requests")
-        self._count(handling, _DECISION_COUNTER[decision])
-
-    # --- per-item caching of batches (peritem.py) ----------------------------------------------
-
-    async def _batch(self, handling: _Handling, document: Any) -> Batch | None:
-        """The request's rows when it is a batch the cache may answer row by row, else None."""
-        assert self.config is not None and handling.parts is not None
-        protocol = protocol_of(handling.parts.path)
-        if protocol == "openai-embeddings":
-            return split_embeddings(document, self.config.ignore_fields)
-        if protocol == "kserve-v2-infer":
-            batch = split_inference(document, self.config.ignore_fields)
-            request = handling.flow.request
-            if batch is not None and await self.rows.model_batches(
-                self.client,
-                handling.parts,
-                request.headers.fields,
-                request.pretty_host,
-                upstream_timeout=self.config.upstream_timeout,
-            ):
-                return batch
-        return None
-
-    async def _answer_rows(self, handling: _Handling, batch: Batch, confirmed: bool) -> None:
-        """Answer a batch row by row; identical batches in flight share one answer (COALESCED)."""
-        config = self.config
-        assert config is not None and handling.parts is not None
-        request = handling.flow.request
-        batch_request = BatchRequest(
-            batch=batch,
-            parts=handling.parts,
-            directives=handling.directives,
-            confirmed=confirmed,
-            origin=handling.origin,
-            route=handling.rule.label,
-            model=handling.model,
-            server_name=request.pretty_host,
-            headers=tuple(request.headers.fields),
-            raw_body=request.raw_content or b"",
-        )
-        settings = RowSettings(
-            ttl=config.ttl,
-            stale_if_error=config.stale_if_error,
-            statuses=config.statuses,
-            max_entry_size=config.max_entry_size,
-            upstream_timeout=config.upstream_timeout,
-            version_header=config.version_header,
-        )
-
-        async def compute() -> RowsOutcome:
-            store = None if handling.store_failed else self.store
-            outcome = await self.rows.answer(
-                batch_request, store=store, client=self.client, secret=self._secret, settings=settings
-            )
-            await self._after_rows(handling, outcome)
-            return outcome
-
-        async def compute_in_fleet() -> RowsOutcome:
-            """With Redis: a batch with rows not yet cached is computed once for the whole fleet; another
-            proxy that asks meanwhile waits until the answer is stored (its rows, or the whole answer of an
-            upstream that does not answer in rows), then answers from the store."""
-            fleet, parts, store = self.flight, handling.parts, self.store
-            assert parts is not None
-            if (
-                fleet is None
-                or store is None
-                or handling.store_failed
-                or handling.directives.only_if_cached
-                or await asyncio.to_thread(self._rows_stored, batch, parts, time.time() - config.ttl)
-            ):
-                return await compute()
-            started = time.time()
-
-            def stored() -> bool | Entry | None:
-                """True when the rows are stored, the whole answer when that is, else None (blocking)."""
-                if self._rows_stored(batch, parts, started):
-                    return True
-                entry = store.get(handling.key)
-                return entry if entry is not None and entry.stored_at >= started else None
-
-            async def publish(outcome: RowsOutcome) -> bool:
-                try:
-                    return await asyncio.to_thread(stored) is not None
-                except StoreError:
-                    return False
-
-            value, turn = await fleet.run(
-                handling.key, compute, publish, stored, wait=config.upstream_timeout
-            )
-            if turn is not Turn.FOLLOWER:
-                return value  # type: ignore[no-any-return]
-            if isinstance(value, Entry):
-                return RowsOutcome(
-                    decision="COALESCED",
-                    status=value.status_code,
-                    headers=[
-                        (name.encode("latin-1"), data.encode("latin-1")) for name, data in value.headers
-                    ],
-                    content=value.content,
-                    rows=len(batch.rows),
-                )
-            return await compute()  # every row is in the store now
-
-        try:
-            outcome, role = await self._batch_flights.run(
-                handling.key, compute_in_fleet, timeout=config.upstream_timeout * 2
-            )
-        except TimeoutError:
-            failure = UpstreamError("timeout", f"no answer within {config.upstream_timeout * 2:g}s")
-            self._answer_failure(handling, "COALESCED", failure)
-            return
-        flow = handling.flow
-        # A waiter shares the leader's answer: COALESCED when that went upstream, a HIT like the leader's
-        # when every row came from the store (nothing was computed for anyone).
-        shared_hit = role is Role.WAITER and outcome.decision == "HIT"
-        decision = "COALESCED" if role is Role.WAITER and not shared_hit else outcome.decision
-        from_cache = 0 if role is Role.WAITER and not shared_hit else outcome.from_cache
-        self._count(handling, "rows", outcome.rows)
-        if role is not Role.WAITER or shared_hit:
-            self._count(handling, "rows_from_cache", outcome.from_cache)
-            self._count(handling, "rows_upstream", 0 if shared_hit else outcome.upstream)
-        if outcome.not_cached:
-            missing = outcome.rows - outcome.from_cache
-            flow.response = self._error(
-                handling,
-                "MISS",
-                504,
-                "not_cached",
-                f"{missing} of the {outcome.rows} rows of this batch are not cached, and `Cache-Control: "
-                "only-if-cached` forbids asking the upstream. Send the request without only-if-cached to have "
-                "them computed.",
-            )
-            self._decide(handling, "MISS")
-            return
-        if outcome.failure is not None:
-            self._answer_failure(handling, decision, outcome.failure)
-            return
-        if outcome.status >= 500 and handling.stale is not None:
-            # No stale rows, but the whole answer was kept (an upstream that does not answer in rows).
-            self._answer_from_entry(handling, handling.stale, "STALE", time.time())
-            return
-        if self._answer_opaque_server_error(
-            handling, decision, outcome.status, outcome.headers, outcome.content
-        ):
-            return
-        fields = list(outcome.headers)
-        fields += _cache_headers(decision, handling.key_id, outcome.age if from_cache else None)
-        fields.append((ROWS_HEADER.lower().encode(), f"{from_cache}/{outcome.rows}".encode()))
-        fields.append((b"content-length", str(len(outcome.content)).encode()))
-        flow.response = _response(outcome.status, outcome.reason, fields, outcome.content)
-        served_from_store = decision in ("HIT", "STALE")
-        flow.metadata["fp.upstream_seconds"] = (
-            outcome.seconds_saved if served_from_store else outcome.upstream_seconds
-        )
-        flow.metadata["fp.rows"] = {
-            "rows": outcome.rows,
-            "from_cache": from_cache,
-            "upstream": outcome.upstream,
-        }
-        self._decide(handling, decision)
-        if from_cache:
-            self._count(handling, "bytes_served_from_cache", outcome.bytes_from_cache)
-            self._count(handling, "upstream_seconds_saved", outcome.seconds_saved)
-            now = time.time()
-            if self.versions.state(handling.origin, now) is Knowledge.DUE:
-                self._check_version_in_background(request.scheme, request.host, request.port, handling.origin)
-
-    def _rows_stored(self, batch: Batch, parts: KeyParts, since: float) -> bool:
-        """Whether every row of `batch` is in the store, stored at `since` or later (a blocking read)."""
-        store = self.store
-        if store is None:
-            return False
-        try:
-            for row in batch.rows:
-                entry = store.get(RowCache.row_key(parts, row.key, parts.version, self._secret))
-                if entry is None or entry.stored_at < since:
-                    return False
-        except StoreError:
-            return False
-        return True
-
-    async def _after_rows(self, handling: _Handling, outcome: RowsOutcome) -> None:
-        """Count the events of one row-by-row answer, learn the version, store an answer that had no rows."""
-        assert self.config is not None and handling.parts is not None
-        for why in outcome.store_errors:
-            self._store_failed(handling, why)
-        self._count(handling, "stores", outcome.stores)
-        if outcome.evicted:
-            self.counters.count("evictions", origin="", route="", model=None, amount=outcome.evicted)
-        self._count(handling, "upstream_errors", outcome.upstream_errors)
-        self._count(handling, "upstream_seconds", outcome.upstream_seconds)
-        if outcome.version is not None:
-            self.versions.learn(handling.origin, outcome.version, time.time())
-        if outcome.unsplit is not None:  # the upstream does not answer in rows: keep the whole answer
-            version = outcome.version if outcome.version is not None else handling.parts.version
-            key = cache_key(dataclasses.replace(handling.parts, version=version), self._secret)
-            await self._store(handling, _Fetched(outcome.unsplit, version, key, key_id(key)))
-
-    # --- versions ------------------------------------------------------------------------------
-
-    async def _check_version(self, scheme: str, host: str, port: int, origin: str) -> bool:
-        """Ask the origin for its version now (one check per origin in flight); whether it answered."""
-        config = self.config
-        assert config is not None
-
-        async def check() -> bool:
-            timeout = min(config.upstream_timeout, VERSION_CHECK_TIMEOUT)
-            headers = [(b"accept", b"application/json"), (b"user-agent", b"forward-proxy version check")]
-            try:
-                answer = await self.client.request(
-                    scheme, host, port, "GET", config.version_check_path, headers, b"", timeout
-                )
-            except UpstreamError as exc:
-                logger.info(f"version check of {origin} failed: {exc.message}")
-                return False
-            header = answer.header(config.version_header.lower().encode())
-            now = time.time()
-            if header is not None:
-                changed = self.versions.learn(origin, header.decode("latin-1"), now)
-                if changed:
-                    logger.info(f"{origin} now runs version {header.decode('latin-1')}")
-            elif 200 <= answer.status_code < 300:
-                self.versions.learn(origin, None, now)
-            else:
-                if origin not in self._version_check_warned:
-                    self._version_check_warned.add(origin)
-                    logger.warning(
-                        f"version check GET {origin}{config.version_check_path} answered "
-                        f"{answer.status_code} without {config.version_header}; set version_check_path to a "
-                        "cheap route of that upstream that carries it"
-                    )
-                self.versions.learn(origin, self.versions.current(origin), now)
+    async def _version_confirmed(self, service: str, directives: RequestDirectives) -> bool:
+        """Whether the service's known version may be trusted for a hit now (re-checked when expired)."""
+        state = self.versions.state(service, time.time())
+        if state is Knowledge.FRESH:
             return True
+        if state is Knowledge.DUE:
+            self._check_version_soon(service)
+            return True
+        if directives.only_if_cached:
+            return False
+        task = self._check_version_soon(service)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), CHECK_TIMEOUT * 2)
+        except TimeoutError:
+            return False
 
-        answered, _ = await self._checks.run(origin, check, timeout=VERSION_CHECK_TIMEOUT * 2)
-        return answered
+    def _check_version_soon(self, service: str) -> asyncio.Task[bool]:
+        task = self._checks.get(service)
+        if task is None:
+            task = self._spawn(self._check_version(service), name="version check")
+            self._checks[service] = task
+            task.add_done_callback(lambda _: self._checks.pop(service, None))
+        return task
 
-    def _check_version_in_background(self, scheme: str, host: str, port: int, origin: str) -> None:
-        if self._checks.in_flight(origin):
-            return
-        task = asyncio.ensure_future(self._check_version(scheme, host, port, origin))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _check_version(self, service: str) -> bool:
+        """Ask the service for its version now, with its Host; whether it answered."""
+        config = self.config
+        where = self.services.get(service)
+        if config is None or where is None:
+            return False
+        timeout = min(config.upstream_timeout, CHECK_TIMEOUT)
+        headers = [("Accept", "application/json"), ("User-Agent", "forward-proxy version check")]
+        try:
+            answer = await ask(where, config.version_check_path, headers, timeout, self.trust)
+        except CheckFailed as exc:
+            logger.info(f"version check of {service} failed: {exc}")
+            return False
+        version = answer.header(config.version_header)
+        now = time.time()
+        if version is not None or 200 <= answer.status < 300:
+            if self.versions.learn(service, version, now) and version is not None:
+                logger.info(f"{service} now runs version {version}")
+        else:
+            if service not in self._version_check_warned:
+                self._version_check_warned.add(service)
+                logger.warning(
+                    f"version check GET {config.version_check_path} of {service} answered {answer.status} "
+                    f"without {config.version_header}; set version_check_path to a cheap route of that "
+                    "upstream that carries it"
+                )
+            self.versions.learn(service, self.versions.current(service), now)
+        return True
+
+    async def _model_batches(self, service: str, parts: KeyParts) -> bool:
+        """Whether a KServe model batches along its first dimension (metadata `max_batch_size` > 0),
+        asked once per service, model and version. Until mitmproxy has reached the service once there
+        is no address to ask: its first request is handled whole."""
+        memo = (service, parts.path.removesuffix("/infer"), parts.version)
+        known = self._batching.get(memo)
+        if known is not None:
+            return known
+        name = f"metadata {memo}"
+        task = self._checks.get(name)
+        if task is None:
+            task = self._spawn(self._read_metadata(service, memo), name="metadata check")
+            self._checks[name] = task
+            task.add_done_callback(lambda _: self._checks.pop(name, None))
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(task), CHECK_TIMEOUT))
+        except TimeoutError:
+            return False
+
+    async def _read_metadata(self, service: str, memo: tuple[str, str, str | None]) -> bool:
+        import json
+
+        where = self.services[service]
+        assert self.config is not None
+        timeout = min(CHECK_TIMEOUT, self.config.upstream_timeout)
+        try:
+            answer = await ask(where, memo[1], [("Accept", "application/json")], timeout, self.trust)
+            size = json.loads(answer.body).get("max_batch_size", 0) if answer.status == 200 else 0
+        except (CheckFailed, ValueError, AttributeError) as exc:
+            logger.info(f"model metadata {service}{memo[1]} unavailable: {exc}")
+            return False
+        batches = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        self._batching[memo] = batches
+        return batches
 
     # --- counting ------------------------------------------------------------------------------
 
-    def _count(self, handling: _Handling, name: str, amount: float = 1) -> None:
-        self.counters.count(
-            name, origin=handling.origin, route=handling.rule.label, model=handling.model, amount=amount
-        )
+    def _count(self, asked: Asked, name: str, amount: float = 1) -> None:
+        self._count_record(asked.record, name, amount)
 
-    def _count_for(self, flow: http.HTTPFlow, name: str) -> None:
-        meta = flow.metadata
-        self.counters.count(
-            name, origin=meta.get("fp.origin", ""), route=meta["fp.route"], model=meta.get("fp.model")
-        )
+    def _count_record(self, record: CacheRecord, name: str, amount: float = 1) -> None:
+        self.counters.count(name, origin=record.origin, route=record.route, model=record.model, amount=amount)
 
-    def _store_failed(self, handling: _Handling, why: str) -> None:
-        handling.store_failed = True
-        self._count(handling, "store_errors")
+    def _store_failed(self, asked: Asked, why: str) -> None:
+        self._count(asked, "store_errors")
         now = time.monotonic()
         if now - self._store_error_logged_at >= STORE_ERROR_LOG_SECONDS:
             self._store_error_logged_at = now
             logger.warning(f"cache store failed, forwarding uncached: {why} (logged at most once a minute)")
-
-
-def _header_map(fields: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
-    """Request headers by lower-case name, repeated ones joined with ", " (as `Headers.get` does); one
-    pass instead of a scan of every header per lookup."""
-    header: dict[str, str] = {}
-    for name, value in fields:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        header[key] = f"{header[key]}, {text}" if key in header else text
-    return header
-
-
-def _header(entry: Entry, name: str) -> str | None:
-    return next((value for key, value in entry.headers if key == name), None)
-
-
-def _cache_headers(decision: str, entry_id: str, age: str | None) -> list[tuple[bytes, bytes]]:
-    fields = [(b"x-cache", decision.encode()), (b"x-cache-key", entry_id.encode())]
-    if age is not None:
-        fields.append((b"age", age.encode()))
-    return fields
-
-
-def _response(status: int, reason: bytes, fields: list[tuple[bytes, bytes]], content: bytes) -> http.Response:
-    now = time.time()
-    return http.Response(
-        http_version=b"HTTP/1.1",
-        status_code=status,
-        reason=reason,
-        headers=http.Headers(fields),
-        content=content,
-        trailers=None,
-        timestamp_start=now,
-        timestamp_end=now,
-    )

@@ -9,12 +9,11 @@ surrogates, nesting past Python's recursion limit).
 >>> canonical_body(b'{ "input": "hi",  "model": "m" }', "application/json", None, ()).data
 b'json:{"input":"hi","model":"m"}'
 >>> canonical_query("b=2&a=1&a=0")
-'a=0&a=1&b=2'
+'a=1&a=0&b=2'
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import zlib
 from collections.abc import Sequence
@@ -24,20 +23,45 @@ from urllib.parse import parse_qsl, urlencode
 
 import brotli
 
-_DECODERS = {
-    "gzip": gzip.decompress,
-    "x-gzip": gzip.decompress,
-    "deflate": lambda data: _inflate(data),
-    "br": brotli.decompress,
-    "identity": lambda data: data,
-}
+MAX_CODINGS = 1  # content codings undone at most: `gzip, gzip` is a decompression bomb's shape
+UNLIMITED = 1 << 62
 
 
-def _inflate(data: bytes) -> bytes:
+class BodyTooLarge(ValueError):
+    """A request body that would decode past the limit, or with more codings than `MAX_CODINGS`: it is
+    never decoded further (the cache forwards it untouched and keeps nothing)."""
+
+
+def _zlib(data: bytes, wbits: int, limit: int) -> bytes:
+    decoder = zlib.decompressobj(wbits)
+    out = decoder.decompress(data, limit + 1)
+    if len(out) > limit or decoder.unconsumed_tail:
+        raise BodyTooLarge(f"the body decodes to more than {limit} bytes")
+    return out
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
     try:
-        return zlib.decompress(data)  # RFC 9110 "deflate": zlib-wrapped
+        return _zlib(data, zlib.MAX_WBITS, limit)  # RFC 9110 "deflate": zlib-wrapped
     except zlib.error:
-        return zlib.decompress(data, -zlib.MAX_WBITS)  # what some clients send: raw deflate
+        return _zlib(data, -zlib.MAX_WBITS, limit)  # what some clients send: raw deflate
+
+
+def _brotli(data: bytes, limit: int) -> bytes:
+    decoder = brotli.Decompressor()
+    out = decoder.process(data, output_buffer_limit=limit + 1)
+    if len(out) > limit or not decoder.is_finished():
+        raise BodyTooLarge(f"the body decodes to more than {limit} bytes")
+    return bytes(out)
+
+
+_DECODERS = {
+    "gzip": lambda data, limit: _zlib(data, 16 + zlib.MAX_WBITS, limit),
+    "x-gzip": lambda data, limit: _zlib(data, 16 + zlib.MAX_WBITS, limit),
+    "deflate": _inflate,
+    "br": _brotli,
+    "identity": lambda data, limit: data,
+}
 
 
 @dataclass(frozen=True)
@@ -46,16 +70,35 @@ class CanonicalBody:
     document: Any  # the parsed JSON document (before ignored fields were dropped), or None
 
 
-def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
-    """`raw` with its Content-Encoding undone (codings applied last are undone first)."""
+def decode_body(raw: bytes, content_encoding: str | None, limit: int = UNLIMITED) -> bytes:
+    """`raw` with its Content-Encoding undone (codings applied last are undone first), at most
+    `MAX_CODINGS` of them and `limit` bytes of output (`BodyTooLarge` past either, as soon as it shows).
+
+    >>> import gzip
+    >>> try:
+    ...     decode_body(gzip.compress(b"x" * 100), "gzip", limit=10)
+    ... except BodyTooLarge as exc:
+    ...     print(exc)
+    the body decodes to more than 10 bytes
+    """
     if not content_encoding:
+        if len(raw) > limit:
+            raise BodyTooLarge(f"the body is more than {limit} bytes")
         return raw
+    codings = [part.strip().lower() for part in content_encoding.split(",") if part.strip()]
+    codings = [coding for coding in codings if coding != "identity"]
+    if len(codings) > MAX_CODINGS:
+        raise BodyTooLarge(
+            f"{len(codings)} content codings ({content_encoding}); at most {MAX_CODINGS} is undone"
+        )
     data = raw
-    for coding in reversed([part.strip().lower() for part in content_encoding.split(",") if part.strip()]):
+    for coding in reversed(codings):
         decoder = _DECODERS.get(coding)
         if decoder is None:
             raise ValueError(f"unknown content coding {coding!r}")
-        data = decoder(data)
+        data = decoder(data, limit)
+    if len(data) > limit:
+        raise BodyTooLarge(f"the body is more than {limit} bytes")
     return data
 
 
@@ -97,11 +140,18 @@ def drop_fields(document: Any, paths: Sequence[str]) -> Any:
 
 
 def canonical_body(
-    raw: bytes, content_type: str | None, content_encoding: str | None, ignore_fields: Sequence[str]
+    raw: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
+    ignore_fields: Sequence[str],
+    limit: int = UNLIMITED,
 ) -> CanonicalBody:
-    """The canonical bytes of a request body. Undecodable bodies are keyed by their raw bytes plus coding."""
+    """The canonical bytes of a request body. Undecodable bodies are keyed by their raw bytes plus coding;
+    a body past `limit` raises `BodyTooLarge`."""
     try:
-        data = decode_body(raw, content_encoding)
+        data = decode_body(raw, content_encoding, limit)
+    except BodyTooLarge:
+        raise
     except (ValueError, OSError, EOFError, zlib.error, brotli.error):
         return CanonicalBody(b"undecodable:" + (content_encoding or "").encode() + b":" + raw, None)
     if data and is_json_type(content_type):
@@ -116,10 +166,12 @@ def canonical_body(
 
 
 def canonical_query(query: str) -> str:
-    """The query with its parameters sorted (order-independent), consistently percent-encoded."""
+    """The query with its parameters sorted by name, consistently percent-encoded. The values of a
+    repeated name keep their order: `?x=2&x=1` is another request than `?x=1&x=2` (a list, for most
+    servers), while `?a=1&b=2` and `?b=2&a=1` mean the same."""
     if not query:
         return ""
     # surrogateescape: percent-escapes that are not UTF-8 (%ff, %fe) stay distinct instead of all
     # turning into U+FFFD, which would let different requests share an entry.
     pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
-    return urlencode(sorted(pairs), errors="surrogateescape")
+    return urlencode(sorted(pairs, key=lambda pair: pair[0]), errors="surrogateescape")

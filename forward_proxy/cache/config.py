@@ -122,6 +122,29 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "upstream (X-Cache: PARTIAL, X-Cache-Rows). Off: such requests are cached whole.",
     ),
     OptionSpec(
+        "max_batch_rows",
+        int,
+        2048,
+        "Most rows a batch may have to be answered row by row (the model API's own cap is 2,048); a larger "
+        "batch is forwarded and cached whole. Bounds the work one request can make the proxy do.",
+    ),
+    OptionSpec(
+        "request_body_decoded_max",
+        str,
+        "16MiB",
+        "Largest request body, after undoing at most one content coding, that the cache reads to build a "
+        "key; a larger one (or one with two codings, a decompression bomb's shape) is forwarded untouched "
+        "and not cached, and never decoded further.",
+    ),
+    OptionSpec(
+        "only_if_cached_shared",
+        bool,
+        True,
+        "Honour `Cache-Control: only-if-cached` for requests without credentials (the shared partition). "
+        "It tells a client whether anybody asked the same recently (docs/privacy.md); false answers such "
+        "requests as if the directive were not there.",
+    ),
+    OptionSpec(
         "cache_statuses",
         Sequence[str],
         ["200"],
@@ -201,6 +224,9 @@ class CacheConfig:
     backend: str = ""  # "" (diskcache in `directory`) or a Redis URL
     memory_tier: int = 0  # bytes; 0: no memory tier
     memory_ttl: float = 2.0
+    max_batch_rows: int = 2048
+    request_body_decoded_max: int = 16 * 1024 * 1024
+    only_if_cached_shared: bool = True
 
     @classmethod
     def from_options(cls, options: OptionValues) -> CacheConfig:
@@ -222,6 +248,8 @@ class CacheConfig:
             raise ValueError("upstream_timeout: must be more than 0, e.g. 60s")
         if options.cache_max_waiters < 0:
             raise ValueError("cache_max_waiters: must be 0 or more")
+        if options.max_batch_rows < 1:
+            raise ValueError("max_batch_rows: must be 1 or more (per_item_cache=false turns rows off)")
         path = options.version_check_path
         backend = options.cache_backend.strip()
         checked("cache_backend", lambda spec: check_backend(spec))
@@ -251,6 +279,9 @@ class CacheConfig:
             backend=backend,
             memory_tier=checked("cache_memory_tier", parse_size),
             memory_ttl=memory_ttl,
+            max_batch_rows=options.max_batch_rows,
+            request_body_decoded_max=checked("request_body_decoded_max", parse_size),
+            only_if_cached_shared=bool(options.only_if_cached_shared),
         )
 
     def describe(self) -> str:

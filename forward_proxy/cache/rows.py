@@ -50,7 +50,7 @@ from typing import Any, Literal
 from forward_proxy.cache.canonical import canonical_json, drop_fields
 
 JsonObject = dict[str, Any]
-Protocol = Literal["openai-embeddings", "kserve-v2-infer"]
+Protocol = Literal["openai-embeddings", "kserve-v2-infer", "whole"]
 
 INPUT_TOKENS_HEADER = "X-Input-Tokens"
 _INFER_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer\Z")
@@ -82,16 +82,20 @@ class Row:
 
 @dataclass(frozen=True, eq=False)
 class RowAnswer:
-    """The answer to a request of one row alone. Compared by identity: a fresh answer is one computation."""
+    """The answer to a request of one row alone. Compared by identity: a fresh answer is one computation.
 
-    document: JsonObject
-    tokens: int | None  # OpenAI: the row's prompt tokens, None when unknown; KServe: 0
+    `raw` holds the stored bytes when the answer came from the store (or is a whole request's answer),
+    so serving it again needs no re-encoding."""
 
-    @property
-    def storable(self) -> bool:
-        return self.tokens is not None
+    document: JsonObject | None
+    tokens: int | None  # OpenAI: the row's prompt tokens; KServe and whole answers: 0
+    estimated: bool = False  # `tokens` is the row's share of a batch's total, not its own count
+    raw: bytes | None = None
 
     def body(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        assert self.document is not None
         return dump(self.document)
 
 
@@ -100,7 +104,6 @@ class FreshRows:
     """The rows of one upstream answer, one per row sent, in the order sent."""
 
     answers: list[RowAnswer]
-    unattributed_tokens: int  # prompt tokens of the answers whose own count is unknown, together
 
 
 class Number(str):
@@ -199,16 +202,14 @@ class Batch(ABC):
         """
 
     @abstractmethod
-    def load_answer(self, content: bytes) -> RowAnswer | None:
-        """A stored row answer, or None when it is not one (then the row counts as missing)."""
+    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+        """A stored row answer, or None when it is not one (then the row counts as missing).
+        `estimated`: its token count was stored as an estimate."""
 
     @abstractmethod
-    def merge(self, answers: Sequence[RowAnswer], unattributed_tokens: int = 0) -> bytes:
-        """The answer to the whole batch, from one row answer per row in the client's order.
-
-        `unattributed_tokens` are the prompt tokens of the fresh answers whose own count is unknown; each
-        such answer may stand for one row only (`ValueError` otherwise: the usage could not be exact).
-        """
+    def merge(self, answers: Sequence[RowAnswer]) -> bytes:
+        """The answer to the whole batch, from one row answer per row in the client's order
+        (`ValueError` when the row answers do not fit together)."""
 
 
 # OpenAI embeddings ------------------------------------------------------------------------------------
@@ -272,35 +273,50 @@ class EmbeddingBatch(Batch):
             raise AnswerMismatch("the answer's data indices are not 0..n-1")
         data = sorted(data, key=lambda item: item["index"])
         total, usage_names = _usage(usage)
-        counts = self._row_tokens(positions, total, input_tokens)
+        counts, estimated = self._row_tokens(positions, total, input_tokens)
         answers = [
             RowAnswer(
                 {
                     **answer,
                     "data": [{**item, "index": 0}],
-                    "usage": {name: count if count is not None else 0 for name in usage_names},
+                    "usage": {name: count for name in usage_names},
                 },
                 count,
+                estimated,
             )
             for item, count in zip(data, counts, strict=True)
         ]
-        return FreshRows(answers, total - sum(count for count in counts if count is not None))
+        return FreshRows(answers)
 
-    def _row_tokens(self, positions: Sequence[int], total: int, header: str | None) -> list[int | None]:
-        """Each row's prompt tokens: from the header, the token ids themselves, or by subtraction."""
+    def _row_tokens(self, positions: Sequence[int], total: int, header: str | None) -> tuple[list[int], bool]:
+        """Each row's prompt tokens and whether they are estimates.
+
+        Exact from the upstream's `X-Input-Tokens` header, from token ids themselves, or by subtraction
+        when one row's count is unknown; otherwise the rows whose count is unknown share what is left of
+        the total in proportion to their length (`apportion`), so that the counts always add up to the
+        upstream's total and a later answer merged from them says `X-Cache-Usage: estimated`.
+        """
         from_header = _parse_counts(header, len(positions))
         if from_header is not None and sum(from_header) == total:
-            return list(from_header)
-        counts = [self.rows[position].tokens for position in positions]
-        unknown = [index for index, count in enumerate(counts) if count is None]
-        known_sum = sum(count for count in counts if count is not None)
-        if len(unknown) == 1 and total - known_sum > 0:
+            return list(from_header), False
+        known = [self.rows[position].tokens for position in positions]
+        unknown = [index for index, count in enumerate(known) if count is None]
+        known_sum = sum(count for count in known if count is not None)
+        if not unknown and known_sum == total:
+            return [count or 0 for count in known], False
+        if len(unknown) == 1 and total - known_sum >= 0:
+            counts = [count or 0 for count in known]
             counts[unknown[0]] = total - known_sum
-        elif not unknown and known_sum != total:
-            return [None] * len(counts)  # the upstream counts token ids otherwise: trust nothing
-        return counts
+            return counts, False
+        if not unknown:  # the upstream counts token ids otherwise: share the total by length
+            unknown, known_sum = list(range(len(positions))), 0
+        weights = [_length(self.rows[positions[index]].content) for index in unknown]
+        counts = [count or 0 for count in known]
+        for index, share in zip(unknown, apportion(max(total - known_sum, 0), weights), strict=True):
+            counts[index] = share
+        return counts, True
 
-    def load_answer(self, content: bytes) -> RowAnswer | None:
+    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
         try:
             document = _load_object(content)
             tokens, _ = _usage(document.get("usage"))
@@ -309,27 +325,54 @@ class EmbeddingBatch(Batch):
         data = document.get("data")
         if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
             return None
-        return RowAnswer(document, tokens)
+        return RowAnswer(document, tokens, estimated, content)
 
-    def merge(self, answers: Sequence[RowAnswer], unattributed_tokens: int = 0) -> bytes:
+    def merge(self, answers: Sequence[RowAnswer]) -> bytes:
         if len(answers) != len(self.rows):
             raise ValueError(f"{len(answers)} answers for {len(self.rows)} rows")
-        unknown = [answer for answer in answers if answer.tokens is None]
-        if len({id(answer) for answer in unknown}) != len(unknown):
-            raise ValueError(
-                "a row without its own token count stands for several rows: usage would be wrong"
-            )
-        tokens = sum(answer.tokens or 0 for answer in answers) + (unattributed_tokens if unknown else 0)
-        first = answers[0].document
+        if len(answers) == 1 and answers[0].raw is not None:
+            return answers[0].raw  # a stored row is the answer to itself alone: its bytes as stored
+        documents = [answer.document for answer in answers]
+        if any(document is None for document in documents):
+            raise ValueError("a row answer has no document")
+        tokens = sum(answer.tokens or 0 for answer in answers)
+        first = documents[0]
+        assert first is not None
         return dump(
             {
                 **first,
                 "data": [
-                    {**answer.document["data"][0], "index": index} for index, answer in enumerate(answers)
+                    {**document["data"][0], "index": index}
+                    for index, document in enumerate(documents)
+                    if document
                 ],
                 "usage": {name: tokens for name in first["usage"]},
             }
         )
+
+
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """`total` split in proportion to `weights` (largest remainder), adding up to `total` exactly.
+
+    >>> apportion(10, [1, 1, 2]), apportion(3, [0, 0]), apportion(0, [5])
+    ([3, 2, 5], [2, 1], [0])
+    """
+    if not weights:
+        return []
+    weight_sum = sum(weights)
+    if weight_sum <= 0:
+        weights, weight_sum = [1] * len(weights), len(weights)
+    shares = [total * weight // weight_sum for weight in weights]
+    remainders = sorted(
+        range(len(weights)), key=lambda index: (-(total * weights[index] % weight_sum), index)
+    )
+    for index in remainders[: total - sum(shares)]:
+        shares[index] += 1
+    return shares
+
+
+def _length(content: Any) -> int:
+    return len(content) if isinstance(content, str | list) else 1
 
 
 def _count(value: Any) -> int | str:
@@ -506,11 +549,10 @@ class InferenceBatch(Batch):
                     0,
                 )
                 for row in range(count)
-            ],
-            0,
+            ]
         )
 
-    def load_answer(self, content: bytes) -> RowAnswer | None:
+    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
         try:
             document = _load_object(content)
         except AnswerMismatch:
@@ -524,14 +566,18 @@ class InferenceBatch(Batch):
                 return None
             if not isinstance(output.get("data"), list) or len(output["data"]) != math.prod(shape):
                 return None
-        return RowAnswer(document, 0)
+        return RowAnswer(document, 0, raw=content)
 
-    def merge(self, answers: Sequence[RowAnswer], unattributed_tokens: int = 0) -> bytes:
+    def merge(self, answers: Sequence[RowAnswer]) -> bytes:
         if len(answers) != len(self.rows):
             raise ValueError(f"{len(answers)} answers for {len(self.rows)} rows")
-        first = answers[0].document
+        documents = [answer.document for answer in answers]
+        if any(document is None for document in documents):
+            raise ValueError("a row answer has no document")
+        first = documents[0]
+        assert first is not None
         layout = _layout(first)
-        if any(_layout(answer.document) != layout for answer in answers):
+        if any(_layout(document) != layout for document in documents if document is not None):
             raise ValueError("the row answers disagree on their outputs (names, datatypes or shapes)")
         merged: JsonObject = {
             **first,
@@ -540,7 +586,10 @@ class InferenceBatch(Batch):
                     **output,
                     "shape": [len(answers), *output["shape"][1:]],
                     "data": [
-                        element for answer in answers for element in answer.document["outputs"][index]["data"]
+                        element
+                        for document in documents
+                        if document is not None
+                        for element in document["outputs"][index]["data"]
                     ],
                 }
                 for index, output in enumerate(first["outputs"])
@@ -555,3 +604,37 @@ def _layout(document: JsonObject) -> list[tuple[Any, ...]]:
     return [
         (output.get("name"), output.get("datatype"), output["shape"][1:]) for output in document["outputs"]
     ]
+
+
+# A whole request ---------------------------------------------------------------------------------------
+
+
+class WholeRequest(Batch):
+    """Any request the cache handles that is not split into rows: one row, the request itself, whose
+    answer is the upstream's answer as it came (status, headers and bytes; nothing is parsed).
+
+    >>> whole = WholeRequest(b"json:{}")
+    >>> whole.merge([whole.load_answer(b"answer")])
+    b'answer'
+    """
+
+    protocol: Protocol = "whole"
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__({}, [Row(key, None)])
+
+    def request_body(self, positions: Sequence[int]) -> bytes:
+        raise NotImplementedError("a whole request is always sent as the client sent it")
+
+    def fresh_answers(
+        self, positions: Sequence[int], body: bytes, input_tokens: str | None = None
+    ) -> FreshRows:
+        return FreshRows([RowAnswer(None, 0, raw=body)])
+
+    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+        return RowAnswer(None, 0, raw=content)
+
+    def merge(self, answers: Sequence[RowAnswer]) -> bytes:
+        if len(answers) != 1:
+            raise ValueError(f"{len(answers)} answers for a whole request")
+        return answers[0].body()

@@ -1,7 +1,9 @@
-"""The deployment version (X-Model-Version) each origin runs now, and when to re-check it.
+"""The deployment version (X-Model-Version) each service runs now, and when to re-check it.
 
-The proxy learns an origin's version from every response it sees and from cheap re-checks (a GET of
-`version_check_path`). An entry is served only when it was computed by the version the origin runs now;
+A service is an origin together with the `Host` its clients name: behind a name-based ingress (KServe,
+Knative) one address serves many services, each with its own version. The proxy learns a service's
+version from every response it sees and from cheap re-checks (a GET of `version_check_path` with the
+service's `Host`). An entry is served only when it was computed by the version the service runs now;
 to bound how long a redeploy can go unnoticed, the knowledge has an age:
 
     age < interval / 2     fresh: serve hits

@@ -30,10 +30,11 @@ from typing import Any, TextIO
 
 from mitmproxy import ctx, exceptions, http
 
+from forward_proxy.cache.record import RECORD, CacheRecord
+
 log = logging.getLogger(__name__)
 
 # Decisions answered from the store: `fp.upstream_seconds` is then the time the answer saved.
-_SERVED_FROM_STORE = frozenset({"HIT", "STALE"})
 
 
 class AccessLog:
@@ -130,26 +131,27 @@ def access_record(
     writes the path without its query (a `?` where it was)."""
     meta: Mapping[str, Any] = flow.metadata
     request, response = flow.request, flow.response
-    decision = meta.get("fp.cache")
+    cache: CacheRecord | None = meta.get(RECORD)
+    decision = cache.decision.value if cache is not None and cache.decision is not None else None
     finished = time.time() if now is None else now
     record: dict[str, Any] = {
         "time": _iso_time(request.timestamp_start),
         "pseudonym": meta.get("fp.pseudonym"),
         "method": request.method,
-        "origin": meta.get("fp.origin") or f"{request.scheme}://{request.host}:{request.port}",
+        "origin": cache.origin if cache is not None else f"{request.scheme}://{request.host}:{request.port}",
         "path": request.path if keep_query else strip_query(request.path),
         "status": response.status_code if response is not None else None,
         "cache": decision,
-        "key": meta.get("fp.key_id"),
-        "route": meta.get("fp.route"),
-        "model": meta.get("fp.model"),
-        "upstream_seconds": _upstream_seconds(flow, decision, answered_by_proxy),
-        "saved_seconds": _seconds(meta.get("fp.upstream_seconds"))
-        if decision in _SERVED_FROM_STORE
+        "key": cache.key_id or None if cache is not None else None,
+        "route": cache.route if cache is not None else None,
+        "model": cache.model if cache is not None else None,
+        "upstream_seconds": _upstream_seconds(flow, cache, answered_by_proxy),
+        "saved_seconds": _seconds(cache.upstream_seconds)
+        if cache is not None and cache.decision is not None and cache.decision.from_store
         else None,
         "total_seconds": _seconds(finished - request.timestamp_start),
         "bytes": len(response.raw_content or b"") if response is not None else None,
-        "rows": _rows(meta.get("fp.rows")),
+        "rows": cache.rows.as_dict() if cache is not None and cache.rows is not None else None,
     }
     if flow.error is not None:
         record["error"] = flow.error.msg
@@ -166,24 +168,19 @@ def strip_query(path: str) -> str:
     return before + mark
 
 
-def _upstream_seconds(flow: http.HTTPFlow, decision: str | None, answered_by_proxy: bool) -> float | None:
+def _upstream_seconds(
+    flow: http.HTTPFlow, cache: CacheRecord | None, answered_by_proxy: bool
+) -> float | None:
     """Seconds this request waited on the upstream; null when no upstream answer was used."""
-    if decision in _SERVED_FROM_STORE or (answered_by_proxy and decision is None):
+    decision = cache.decision if cache is not None else None
+    if (decision is not None and decision.from_store) or (answered_by_proxy and decision is None):
         return None
-    measured = flow.metadata.get("fp.upstream_seconds")
-    if measured is not None:
-        return _seconds(measured)
+    if cache is not None and cache.upstream_seconds is not None:
+        return _seconds(cache.upstream_seconds)
     response = flow.response
     if response is None or response.timestamp_start is None or flow.request.timestamp_end is None:
         return None
     return _seconds(response.timestamp_start - flow.request.timestamp_end)
-
-
-def _rows(figures: Any) -> dict[str, int] | None:
-    """A batch answered row by row: its rows, those from the cache and those sent upstream; else None."""
-    if not isinstance(figures, Mapping):
-        return None
-    return {name: int(figures.get(name, 0)) for name in ("rows", "from_cache", "upstream")}
 
 
 def _seconds(value: Any) -> float | None:

@@ -86,6 +86,14 @@ class Lease:
     token: bytes
 
 
+@dataclass
+class Held:
+    """A lease this proxy holds while it computes, renewed until released."""
+
+    lease: Lease
+    renewal: asyncio.Task[None]
+
+
 class FleetFlight(Generic[T]):
     """Leases in the Redis of `connection`; `lease` seconds is how long a crashed leader can hold one."""
 
@@ -114,34 +122,42 @@ class FleetFlight(Generic[T]):
         find it with their `lookup()` (a blocking store read, run in a thread; it may raise `StoreError`).
         Raises what `compute` or `publish` raise; never a Redis failure.
         """
+        held, value = await self.take(key, lookup, wait=wait)
+        if value is not None:
+            return value, Turn.FOLLOWER
+        shared = False
+        try:
+            value = await compute()
+            shared = await publish(value)
+            return value, Turn.LEADER if held is not None else Turn.ALONE
+        finally:
+            if held is not None:
+                await self.release(held, shared)
+
+    async def take(
+        self, key: str, lookup: Callable[[], T | None], *, wait: float
+    ) -> tuple[Held | None, T | None]:
+        """Who computes `key` in the fleet: `(held, None)` this proxy, under a lease it must `release`;
+        `(None, value)` another proxy did, and stored `value`; `(None, None)` this proxy, alone (the
+        other's answer could not be shared, it took longer than `wait` seconds, or Redis failed)."""
         deadline = time.monotonic() + wait
         while True:
             try:
                 lease = await self._acquire(key)
             except StoreError:
-                return await self._alone(compute, publish)
+                return None, None
             if lease is not None:
-                return await self._lead(lease, compute, publish), Turn.LEADER
+                return Held(lease, asyncio.ensure_future(self._renew_forever(lease))), None
             value, retry = await self._follow(key, lookup, deadline)
-            if value is not None:
-                return value, Turn.FOLLOWER
-            if not retry:
-                return await self._alone(compute, publish)
+            if value is not None or not retry:
+                return None, value
 
-    async def _lead(
-        self, lease: Lease, compute: Callable[[], Awaitable[T]], publish: Callable[[T], Awaitable[bool]]
-    ) -> T:
-        renewal = asyncio.ensure_future(self._renew_forever(lease))
-        shared = False
-        try:
-            value = await compute()
-            shared = await publish(value)
-            return value
-        finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-            await self._release(lease, shared)
+    async def release(self, held: Held, shared: bool) -> None:
+        """Give the lease up; `shared`: the answer is stored for the others to find."""
+        held.renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await held.renewal
+        await self._release(held.lease, shared)
 
     async def _follow(
         self, key: str, lookup: Callable[[], T | None], deadline: float
@@ -172,13 +188,6 @@ class FleetFlight(Generic[T]):
                 except StoreError:
                     return None, False
                 return value, value is None
-
-    async def _alone(
-        self, compute: Callable[[], Awaitable[T]], publish: Callable[[T], Awaitable[bool]]
-    ) -> tuple[T, Turn]:
-        value = await compute()
-        await publish(value)
-        return value, Turn.ALONE
 
     async def _acquire(self, key: str) -> Lease | None:
         lease = Lease(self.lease_name(key), secrets.token_hex(16).encode())

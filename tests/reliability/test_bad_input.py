@@ -137,21 +137,23 @@ def test_malformed_requests_get_400_and_a_closed_connection(
     [("X-Bad", "a\x00b"), ("X-Folded", "a\r\n b"), ("Host", "{host}")],
     ids=["NUL in a value", "obsolete line folding", "a second Host header"],
 )
-def test_headers_the_cache_cannot_forward_get_a_json_400(
+def test_odd_headers_get_on_a_cached_route_what_they_get_on_any_route(
     proxy: RunningProxy, upstream: Upstream, header: tuple[str, str]
 ) -> None:
     """Regression: these reached the cache's own upstream client, whose refusal to send them came back as
-    502 `upstream_failed` blaming the upstream."""
-    calls = upstream.calls(EMBEDDINGS)
+    502 `upstream_failed` blaming the upstream. The cache has no client of its own any more: mitmproxy
+    carries cached routes as it carries every other, with the same checks (`validate_inbound_headers`),
+    so a cached route answers such a request exactly as an uncached one does."""
     name, value = header[0], header[1].replace("{host}", hostport(upstream))
-    answer = send_raw(
-        proxy.host, proxy.port, embeddings_request(upstream, b'{"input": "bad header"}', (name, value))
+    cached = send_raw(
+        proxy.host, proxy.port, embeddings_request(upstream, b'{"input": "odd header"}', (name, value))
     )
-    assert answer.status == 400, answer.body
-    assert answer.header("Content-Type") == "application/json"
-    error = answer.json()["error"]
-    assert error["code"] == "invalid_request" and "Fix the request" in error["message"]
-    assert upstream.calls(EMBEDDINGS) == calls
+    head = (
+        f"GET {upstream.url('/uncached')} HTTP/1.1\r\nHost: {hostport(upstream)}\r\n{name}: {value}\r\n\r\n"
+    )
+    uncached = send_raw(proxy.host, proxy.port, head.encode("latin-1"))
+    assert cached.status == uncached.status, (cached.body, uncached.body)
+    assert cached.status < 500 and cached.header("X-Cache") in ("MISS", "HIT")
 
 
 @pytest.mark.parametrize(
@@ -159,18 +161,20 @@ def test_headers_the_cache_cannot_forward_get_a_json_400(
     [b"/v2/models/\xff/infer", b"/v2/models/\xc3\xa9/infer", b"/v2/models/x/infer?q=\xff"],
     ids=["non-UTF-8 byte in the path", "raw UTF-8 in the path", "non-UTF-8 byte in the query"],
 )
-def test_raw_non_ascii_targets_get_a_json_400(proxy: RunningProxy, upstream: Upstream, target: bytes) -> None:
+def test_raw_non_ascii_targets_are_cached_under_keys_of_their_own(
+    proxy: RunningProxy, upstream: Upstream, target: bytes
+) -> None:
     """Regression: a non-UTF-8 path byte crashed the cache addon while building the key, and mitmproxy
     forwarded the request itself, uncached and uncounted; once that was fixed, the byte in the model name
-    broke the counter store's writes for the whole process."""
-    calls = requests_received(upstream)
+    broke the counter store's writes for the whole process. Now such a target is forwarded as sent (by
+    mitmproxy) and cached under a key that no other target shares."""
     head = b"POST " + target + f" HTTP/1.1\r\nHost: {hostport(upstream)}\r\n".encode()
-    answer = send_raw(
-        proxy.host, proxy.port, head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    )
-    assert answer.status == 400 and answer.header("X-Cache") == "BYPASS"
-    assert answer.json()["error"]["code"] == "invalid_request"
-    assert requests_received(upstream) == calls
+    request = head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    calls = requests_received(upstream)
+    first, second = send_raw(proxy.host, proxy.port, request), send_raw(proxy.host, proxy.port, request)
+    assert (first.status, first.header("X-Cache")) == (200, "MISS")
+    assert (second.status, second.header("X-Cache")) == (200, "HIT")
+    assert requests_received(upstream) == calls + 1
     time.sleep(0.5)  # the counters are written every quarter of a second
     assert "counter store failed" not in proxy.log()  # regression: the model name became a bad label
 
@@ -185,7 +189,9 @@ def test_a_huge_header_is_refused_by_someone_and_not_cached(proxy: RunningProxy,
     answer = send_raw(
         proxy.host, proxy.port, embeddings_request(upstream, body, ("X-Big", "a" * 1_000_000)), timeout=30
     )
-    assert answer.status == 431 and answer.header("X-Cache") == "MISS"
+    # The upstream answers 431 and closes while mitmproxy still sends the head: whether mitmproxy reads
+    # the 431 first or sees the connection closed (502 upstream_failed) is a race; either is a refusal.
+    assert answer.status in (431, 502) and answer.header("X-Cache") == "MISS"
     normal = send_raw(proxy.host, proxy.port, embeddings_request(upstream, body))
     assert normal.status == 200 and normal.header("X-Cache") == "MISS", "the refusal was cached"
 

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from forward_proxy.cache.canonical import canonical_body, canonical_query
 from forward_proxy.cache.keys import KEY_HEADERS, KeyParts, cache_key, key_headers, key_id, partition
-from forward_proxy.cache.upstream import UpstreamError, request_problem
 
 pytestmark = pytest.mark.reliability
 
@@ -176,11 +175,17 @@ def query_of(pairs: list[tuple[bytes, bytes]]) -> str:
 def test_queries_with_other_bytes_never_share_a_key(
     one: list[tuple[bytes, bytes]], other: list[tuple[bytes, bytes]], random: Any
 ) -> None:
-    shuffled = list(one)
+    # Parameters of different names may come in any order; a repeated name's values keep theirs.
+    names = list(dict.fromkeys(name for name, _ in one))
     if random is not None:
-        random.shuffle(shuffled)
+        random.shuffle(names)
+    shuffled = [pair for name in names for pair in one if pair[0] == name]
     assert canonical_query(query_of(one)) == canonical_query(query_of(shuffled))
-    same = sorted(one) == sorted(other)
+
+    def by_name(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return sorted(pairs, key=lambda pair: pair[0].decode("utf-8", "surrogateescape"))
+
+    same = by_name(one) == by_name(other)
     assert (canonical_query(query_of(one)) == canonical_query(query_of(other))) == same
 
 
@@ -214,21 +219,6 @@ def test_key_headers_never_raise(headers: dict[str, str], extra: list[str]) -> N
     assert [name for name, _ in chosen][:3] == list(KEY_HEADERS)
 
 
-header_bytes = st.binary(max_size=12)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(st.tuples(header_bytes, header_bytes), max_size=5),
-    st.text(st.characters(codec=None), max_size=20),
-    st.binary(max_size=8),
-)
-def test_the_request_check_never_raises(headers: list[tuple[bytes, bytes]], target: str, body: bytes) -> None:
-    """Whatever the client's headers and target, the cache either sends them or refuses with a reason."""
-    problem = request_problem("http", "127.0.0.1", 8000, "POST", "/" + target, headers, body)
-    assert problem is None or (isinstance(problem, UpstreamError) and problem.kind == "invalid_request")
-
-
 # --- the whole request path of the cache addon --------------------------------------------------------
 
 TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
@@ -242,23 +232,6 @@ header_values = st.binary(max_size=16).map(lambda value: value.replace(b"\r", b"
 path_segments = st.binary(min_size=1, max_size=8).filter(lambda segment: not set(segment) & set(b"/?# \r\n"))
 
 
-class EchoUpstream:
-    """Stands in for the cache's upstream client: no sockets, a versioned JSON answer naming the target."""
-
-    verify_tls = True
-
-    async def request(
-        self, scheme: str, host: str, port: int, method: str, target: str, *_: Any, **__: Any
-    ) -> Any:
-        from forward_proxy.cache.upstream import UpstreamResponse
-
-        fields = ((b"content-type", b"application/json"), (b"x-model-version", b"v1"))
-        return UpstreamResponse(200, b"OK", fields, json.dumps({"target": target}).encode(), 0.001)
-
-    def close(self) -> None:
-        pass
-
-
 def test_the_cache_addon_answers_any_request_without_raising(
     tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -270,9 +243,11 @@ def test_the_cache_addon_answers_any_request_without_raising(
     encode, and from then on no count of the process reached the shared counters (/stats)."""
 
     from mitmproxy import http
+    from mitmproxy.flow import Error
     from mitmproxy.test import taddons, tflow
 
     from forward_proxy.cache.addon import Cache
+    from forward_proxy.cache.record import RECORD, Decision
 
     cache = Cache()
     with taddons.context(cache) as context:
@@ -283,7 +258,6 @@ def test_the_cache_addon_answers_any_request_without_raising(
             cache.running()
 
         loop.run_until_complete(start())
-        cache.client = EchoUpstream()  # type: ignore[assignment]
 
         @settings(max_examples=250, deadline=None)
         @given(
@@ -313,17 +287,15 @@ def test_the_cache_addon_answers_any_request_without_raising(
             )
             flow = tflow.tflow(req=request)
             loop.run_until_complete(cache.request(flow))
+            if flow.response is None and RECORD in flow.metadata and flow.metadata[RECORD].decision is None:
+                # this flow leads: mitmproxy would forward it; here the upstream is unreachable
+                flow.error = Error("Connection refused")
+                loop.run_until_complete(cache.error(flow))
             loop.run_until_complete(cache.settled())
-            if "fp.route" in flow.metadata:
-                assert flow.response is not None or flow.metadata.get("fp.cache") == "BYPASS"
-                assert flow.metadata.get("fp.cache") in (
-                    "HIT",
-                    "MISS",
-                    "BYPASS",
-                    "REFRESH",
-                    "COALESCED",
-                    "STALE",
-                )
+            if RECORD in flow.metadata:
+                decision = flow.metadata[RECORD].decision
+                assert decision is not None
+                assert flow.response is not None or flow.error is not None or decision is Decision.BYPASS
 
         try:
             check()
@@ -331,5 +303,5 @@ def test_the_cache_addon_answers_any_request_without_raising(
             cache.done()
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     snapshot = cache.counters.snapshot()
-    decisions = ("hits", "misses", "bypasses", "refreshes", "coalesced", "stale")
+    decisions = ("hits", "misses", "partials", "bypasses", "refreshes", "coalesced", "stale")
     assert snapshot.total("requests") == sum(snapshot.total(name) for name in decisions) > 0

@@ -55,6 +55,7 @@ class Reply:
     delay: float = 0.0  # seconds before answering
     close_mid_response: bool = False  # send the head and half the body, then close the connection
     model_version: str | None = "inherit"  # "inherit": the upstream's current version
+    header_lines: Sequence[tuple[str, str]] = ()  # sent as given: a name may repeat
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,9 +77,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         version = upstream.model_version if reply.model_version == "inherit" else reply.model_version
+        version = upstream.host_versions.get(self.headers.get("Host", ""), version)
         if version is not None:
             self.send_header("X-Model-Version", version)
-        for name, value in reply.headers.items():
+        for name, value in [*reply.headers.items(), *reply.header_lines]:
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
@@ -171,12 +173,16 @@ class Upstream:
         port: int = 0,
         model_version: str | None = "v1",
         certificate: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
-        """`certificate`: a PEM file with certificate and key (see `self_signed_certificate`) to serve HTTPS."""
+        """`certificate`: a PEM file with certificate and key (see `self_signed_certificate`) to serve HTTPS;
+        `client_ca`: require a client certificate signed by it (mutual TLS)."""
         self.host = host
         self.port = port
         self.model_version = model_version
         self.certificate = certificate
+        self.client_ca = client_ca
+        self.host_versions: dict[str, str] = {}  # Host header -> X-Model-Version (name-based services)
         self._replies: dict[str, Reply] = {}
         self._default = Reply()
         self._counts: Counter[str] = Counter()
@@ -192,6 +198,9 @@ class Upstream:
         if self.certificate is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.certificate)
+            if self.client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(self.client_ca)
             server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = int(server.server_address[1])
         self._server = server

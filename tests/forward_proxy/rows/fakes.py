@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import math
 import random
 import struct
 from typing import Any
 
 from forward_proxy.cache.rows import Number, dump, flatten
-from forward_proxy.cache.upstream import UpstreamResponse
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 DIMENSION = 8
@@ -90,86 +87,6 @@ def inference_answer(document: dict[str, Any], name: str = "scorer", version: st
     if wanted:
         outputs = [output for want in wanted for output in outputs if output["name"] == want]
     return dump({"model_name": name, "model_version": version, "id": document.get("id"), "outputs": outputs})
-
-
-class ModelUpstream:
-    """Stands in for the cache's UpstreamClient: a model API speaking both protocols, counting rows.
-
-    `report_tokens` adds X-Input-Tokens (each input's prompt tokens); `version` changes the vectors too,
-    so rows of two versions never look alike; a text "bad" is refused with a 400 naming its position;
-    `gate` holds every inference call until set.
-    """
-
-    def __init__(self, *, report_tokens: bool = True, max_batch_size: int = 8) -> None:
-        self.report_tokens = report_tokens
-        self.max_batch_size = max_batch_size
-        self.version = "v1"
-        self.calls: list[tuple[str, str, dict[str, str], Any]] = []  # method, path, headers, JSON body
-        self.failure: Exception | None = None
-        self.status: int | None = None
-        self.gate: Any = None
-        self.verify_tls = True
-
-    def inference_calls(self) -> list[Any]:
-        return [body for method, path, _, body in self.calls if method == "POST"]
-
-    def rows_computed(self) -> list[Any]:
-        """Every row the model computed, in the order received."""
-        rows: list[Any] = []
-        for body in self.inference_calls():
-            if "input" in body:
-                rows.extend(embedding_rows(body["input"]))
-            else:
-                features = body["inputs"][-1]
-                width = math.prod(features["shape"][1:])
-                flat = flatten(features["data"])
-                rows.extend(flat[index : index + width] for index in range(0, len(flat), width))
-        return rows
-
-    async def request(
-        self,
-        scheme: str,
-        host: str,
-        port: int,
-        method: str,
-        target: str,
-        headers: Any,
-        body: bytes,
-        timeout: float,
-        server_name: str | None = None,
-    ) -> UpstreamResponse:
-        document = json.loads(body) if body else None
-        fields = {name.decode().lower(): value.decode() for name, value in headers}
-        self.calls.append((method, target, fields, document))
-        if method == "POST" and self.gate is not None:
-            await self.gate.wait()
-        if self.failure is not None:
-            raise self.failure
-        answer_headers = [(b"content-type", b"application/json"), (b"x-model-version", self.version.encode())]
-        if method == "GET" and target.startswith("/v2/models/"):
-            name = target.split("/")[3]
-            content = dump({"name": name, "versions": ["1"], "max_batch_size": self.max_batch_size})
-        elif method == "GET":
-            content = b'{"live":true}'
-        elif self.status is not None:
-            content = dump({"error": {"code": "overloaded", "message": "try later"}})
-            return UpstreamResponse(self.status, b"", tuple(answer_headers), content, 0.01)
-        elif target == "/v1/embeddings":
-            rows = embedding_rows(document["input"])
-            if "bad" in rows:
-                message = f"'input[{rows.index('bad')}]' is bad"
-                return UpstreamResponse(
-                    400, b"", tuple(answer_headers), dump({"error": {"message": message}}), 0.01
-                )
-            content, counts = embeddings_answer(document, self.version)
-            if self.report_tokens:
-                answer_headers.append((b"x-input-tokens", counts.encode()))
-        else:
-            content = inference_answer(document, version=self.version)
-        return UpstreamResponse(200, b"OK", tuple(answer_headers), content, 0.05 * max(1, _rows_of(document)))
-
-    def close(self) -> None:
-        pass
 
 
 def _rows_of(document: Any) -> int:

@@ -6,10 +6,10 @@ import doctest
 
 import pytest
 
-from forward_proxy.cache import rowflight, rows
+from forward_proxy.cache import decide, flights, rows
 
 
-@pytest.mark.parametrize("module", [rows, rowflight])
+@pytest.mark.parametrize("module", [rows, flights, decide])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0

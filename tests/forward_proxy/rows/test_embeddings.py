@@ -102,7 +102,7 @@ def test_fresh_answers_become_single_row_answers_with_their_own_usage() -> None:
     single, _ = embeddings_answer({**REQUEST, "input": ["Invoices are due in 30 days."]})
     assert fresh.answers[1].body() == single
     assert [answer.tokens for answer in fresh.answers] == [8, 8]
-    assert fresh.unattributed_tokens == 0
+    assert not any(answer.estimated for answer in fresh.answers)
 
 
 def test_without_per_row_counts_a_lone_text_row_gets_the_total() -> None:
@@ -113,14 +113,16 @@ def test_without_per_row_counts_a_lone_text_row_gets_the_total() -> None:
     assert [answer.tokens for answer in fresh.answers] == [4]
 
 
-def test_without_per_row_counts_several_texts_stay_unattributed_but_merge_exactly() -> None:
+def test_without_per_row_counts_several_texts_share_the_total_and_merge_exactly() -> None:
+    """An upstream that reports only the batch's usage (OpenAI, vLLM, TEI): each text gets a share by
+    length, marked estimated; together they add up to the upstream's total, so the merge is exact."""
     batch = split_embeddings({"input": ["one two", "three"]})
     assert batch is not None
     body, _ = embeddings_answer(json.loads(batch.request_body([0, 1])))
     fresh = batch.fresh_answers([0, 1], body, "garbage")
-    assert [answer.storable for answer in fresh.answers] == [False, False]
-    assert fresh.unattributed_tokens == 7
-    assert batch.merge(fresh.answers, fresh.unattributed_tokens) == body
+    assert [answer.estimated for answer in fresh.answers] == [True, True]
+    assert sum(answer.tokens or 0 for answer in fresh.answers) == 7
+    assert batch.merge(fresh.answers) == body
 
 
 def test_a_header_that_does_not_add_up_is_not_trusted() -> None:
@@ -128,16 +130,18 @@ def test_a_header_that_does_not_add_up_is_not_trusted() -> None:
     assert batch is not None
     body, _ = embeddings_answer(json.loads(batch.request_body([0, 1])))
     fresh = batch.fresh_answers([0, 1], body, "1,1")
-    assert [answer.tokens for answer in fresh.answers] == [None, None]
+    assert [answer.estimated for answer in fresh.answers] == [True, True]
+    assert sum(answer.tokens or 0 for answer in fresh.answers) == 7  # the total, not the header's 2
 
 
-def test_an_unattributed_answer_cannot_stand_for_two_rows() -> None:
+def test_an_estimated_row_that_repeats_counts_its_share_each_time() -> None:
     batch = split_embeddings({"input": ["one two", "three", "one two"]})
     assert batch is not None
     body, _ = embeddings_answer(json.loads(batch.request_body([0, 1])))
     fresh = batch.fresh_answers([0, 1], body, None)
-    with pytest.raises(ValueError, match="usage"):
-        batch.merge([fresh.answers[0], fresh.answers[1], fresh.answers[0]], fresh.unattributed_tokens)
+    merged = json.loads(batch.merge([fresh.answers[0], fresh.answers[1], fresh.answers[0]]))
+    shares = [answer.tokens or 0 for answer in fresh.answers]
+    assert merged["usage"]["prompt_tokens"] == 2 * shares[0] + shares[1]
 
 
 def test_merge_renumbers_indices_and_sums_usage() -> None:

@@ -9,6 +9,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 
+from forward_proxy.cache.record import RECORD, CacheRecord, Decision, RowFigures
 from forward_proxy.stats.accesslog import AccessLog, access_record
 from tests.support.proxy import start_proxy
 from tests.support.upstream import Upstream
@@ -22,17 +23,15 @@ def _cached_flow(decision: str, upstream_seconds: float) -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.client_conn.peername = ("127.0.0.3", 51234)
     flow.request.timestamp_start = 1_700_000_000.25
-    flow.metadata.update(
-        {
-            "fp.cache": decision,
-            "fp.key_id": "9f86d081884c7d65",
-            "fp.route": "POST /v1/embeddings",
-            "fp.origin": "http://127.0.0.1:8000",
-            "fp.model": "mini",
-            "fp.upstream_seconds": upstream_seconds,
-            "fp.pseudonym": "c-3f9a1b2c",
-        }
+    flow.metadata[RECORD] = CacheRecord(
+        route="POST /v1/embeddings",
+        origin="http://127.0.0.1:8000",
+        model="mini",
+        decision=Decision(decision),
+        key_id="9f86d081884c7d65",
+        upstream_seconds=upstream_seconds,
     )
+    flow.metadata["fp.pseudonym"] = "c-3f9a1b2c"
     return flow
 
 
@@ -70,7 +69,7 @@ def test_a_hit_is_logged_with_every_field_and_never_the_client_address(tmp_path:
 
 def test_a_batch_answered_row_by_row_logs_its_rows() -> None:
     flow = _cached_flow("PARTIAL", 0.5)
-    flow.metadata["fp.rows"] = {"rows": 4, "from_cache": 2, "upstream": 2}
+    flow.metadata[RECORD].rows = RowFigures(rows=4, from_cache=2, upstream=2)
     record = access_record(flow, answered_by_proxy=False)
     assert (record["cache"], record["rows"]) == ("PARTIAL", {"rows": 4, "from_cache": 2, "upstream": 2})
     assert (record["upstream_seconds"], record["saved_seconds"]) == (0.5, None)
