@@ -39,7 +39,14 @@ DEFAULT_TIMEOUT = 30.0
 
 # Response headers worth showing a user: the proxy's cache decision, key and rows served from the cache
 # (`X-Cache-Rows: 3/4` for a batch), and the model deployment's version.
-CACHE_HEADERS = ("X-Cache", "X-Cache-Key", "X-Cache-Rows", "X-Model-Version")
+CACHE_HEADERS = (
+    "X-Cache",
+    "X-Cache-Key",
+    "X-Cache-Rows",
+    "X-Cache-Usage",
+    "X-Cache-Saved-Tokens",
+    "X-Model-Version",
+)
 
 
 class ClientError(Exception):

@@ -51,6 +51,13 @@ from forward_proxy.cache.decide import (
     unstorable,
 )
 from forward_proxy.cache.flights import Flight, InFlight, Outcome
+from forward_proxy.cache.generation import (
+    SAVED_TOKENS_HEADER,
+    cacheable,
+    complete_stream,
+    completion_tokens,
+    is_generation,
+)
 from forward_proxy.cache.keys import (
     KEY_HEADERS,
     NAMESPACE_HEADER,
@@ -96,7 +103,16 @@ _LEAD = "forward_proxy.cache.lead"
 _ROW_PREFIX = b"row\n"  # row keys never equal a whole request's key (whose body starts "json:" or "bytes:")
 # Headers of an answer that describe one exchange on the wire, not the stored answer.
 _NOT_STORED = frozenset(
-    {"age", "x-cache", "x-cache-key", "x-cache-rows", "content-length", "date", USAGE_HEADER}
+    {
+        "age",
+        "x-cache",
+        "x-cache-key",
+        "x-cache-rows",
+        "content-length",
+        "transfer-encoding",
+        "date",
+        USAGE_HEADER,
+    }
 )
 # ... and, for rows (stored decoded, one row each), what describes the whole batch's bytes.
 _NOT_STORED_ROWS = _NOT_STORED | {"content-encoding", "transfer-encoding", INPUT_TOKENS_HEADER.lower()}
@@ -117,6 +133,8 @@ class Asked:
     confirmed: bool  # the service's version is known to be current
     split: bool  # the batch is answered row by row (X-Cache-Rows)
     whole_key: str  # the whole request's key: where an answer that cannot be split is stored
+    streamed: bool = False  # a completion asked as Server-Sent Events
+    generation: bool = False  # a completion or chat completion
 
     def as_whole(self) -> None:
         """From now on the request is one row: its upstream answers in a shape the cache cannot split."""
@@ -136,6 +154,7 @@ class _Lead:
     held: Held | None = None  # the fleet's lease for this request (Redis)
     deadline: asyncio.TimerHandle | None = None
     timed_out: bool = False
+    recorded: bytearray | None = None  # a streamed answer, as it passed to the client
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,10 @@ LARGE_BODY = 256 * 1024  # bodies past this are parsed in a worker thread, not o
 async def _off_the_loop_if_large(size: int, work: Any, *args: Any) -> Any:
     """`work(*args)`, in a worker thread when `size` bytes would hold the event loop up noticeably."""
     return await asyncio.to_thread(work, *args) if size > LARGE_BODY else work(*args)
+
+
+def _is_event_stream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream"
 
 
 def _shared_of(entry: Entry) -> _Shared:
@@ -382,7 +405,8 @@ class Cache:
         headers = request.headers
         header = joined_headers(headers.fields)  # latin-1 text: no header byte can fail to encode again
         raw = request.raw_content
-        if raw is None or "text/event-stream" in header.get("accept", ""):
+        generation = is_generation(path)
+        if raw is None or (not generation and "text/event-stream" in header.get("accept", "")):
             self._decide(flow, Decision.BYPASS)  # a streamed exchange: mitmproxy forwards it as it is
             return
         try:
@@ -407,8 +431,13 @@ class Cache:
         namespace = header.get(NAMESPACE_HEADER, "")
         if NAMESPACE_HEADER in headers:
             del headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
-        if directives.no_store or (isinstance(document, dict) and document.get("stream") is True):
-            self._decide(flow, Decision.BYPASS)
+        streamed = isinstance(document, dict) and document.get("stream") is True
+        if generation:
+            cached = cacheable(document, asked_max_age=directives.max_age is not None)
+        else:
+            cached = not streamed
+        if directives.no_store or not cached:
+            self._decide(flow, Decision.BYPASS)  # sampled completions and other streams: as they are
             return
         if not self._secret_shared:
             self._load_shared_secret()
@@ -433,7 +462,9 @@ class Cache:
         if directives.only_if_cached and not parts.partition and not config.only_if_cached_shared:
             directives = dataclasses.replace(directives, only_if_cached=False)  # no oracle for others' texts
         whole_key = cache_key(parts, self._secret)
-        batch = await self._rows_of(parts, document, service) if config.per_item_cache else None
+        batch = None
+        if config.per_item_cache and not generation:
+            batch = await self._rows_of(parts, document, service)
         if batch is None:
             batch, keys = WholeRequest(body.data), [whole_key]
         else:
@@ -451,6 +482,8 @@ class Cache:
             confirmed,
             batch.protocol != "whole",
             whole_key,
+            streamed or "text/event-stream" in header.get("accept", ""),
+            generation,
         )
 
         lookup = Lookup(missing=list(dict.fromkeys(keys)))
@@ -686,7 +719,8 @@ class Cache:
             return
 
         keyed = (*KEY_HEADERS, *PARTITION_HEADERS, *config.partition_headers, *config.vary_headers)
-        content = response.raw_content or b""
+        content = bytes(lead.recorded) if lead.recorded is not None else response.raw_content or b""
+        whole_stream = lead.recorded is not None and complete_stream(content)
         reason = await _off_the_loop_if_large(
             len(content),
             functools.partial(
@@ -694,6 +728,7 @@ class Cache:
                 statuses=config.statuses,
                 max_entry_size=config.max_entry_size,
                 keyed_headers=keyed,
+                whole_stream=whole_stream,
             ),
             status,
             response.headers.fields,
@@ -736,7 +771,10 @@ class Cache:
             if name.decode("latin-1").lower() not in (_NOT_STORED_ROWS if asked.split else _NOT_STORED)
         )
         shared = _Shared(status, response.reason.encode("latin-1"), stored_headers, version)
-        if lead.rewritten or lookup.found or lookup.borrowed:
+        if lead.recorded is not None:  # streamed to the client already, headers and all
+            asked.record.streamed = True
+            self._decide(asked.flow, decision)
+        elif lead.rewritten or lookup.found or lookup.borrowed:
             self._answer_rows(asked, decision, shared, answers, from_cache=self._from_cache(asked, lookup))
         else:  # the client's own request and every row fresh: the upstream's answer as it came
             self._finish_record(asked, decision, response, rows_upstream=len(lead.positions))
@@ -851,6 +889,10 @@ class Cache:
             if lead.lookup.found
             else (Decision.REFRESH if asked.directives.no_cache else Decision.MISS)
         )
+        if lead.recorded is not None:  # a stream cut short: the client has its part, nothing is stored
+            asked.record.streamed = True
+            self._decide(flow, decision)
+            return
         self._answer_failure(asked, lead.lookup, failure, decision)
         if flow.response is not None:
             answer_instead(flow.response)  # mitmproxy writes the error page itself: this instead
@@ -922,6 +964,10 @@ class Cache:
             if not estimated:  # each input's own count, as a model API that reports them writes it
                 counts = ",".join(str(answers[key].tokens or 0) for key in asked.keys)
                 fields.append((INPUT_TOKENS_HEADER.lower().encode(), counts.encode()))
+        if asked.generation and decision in (Decision.HIT, Decision.STALE, Decision.COALESCED):
+            tokens = completion_tokens(content, asked.streamed)  # what the model did not generate again
+            if tokens is not None:
+                fields.append((SAVED_TOKENS_HEADER.encode(), str(tokens).encode()))
         fields.append((b"content-length", str(len(content)).encode()))
         now = time.time()
         asked.flow.response = http.Response(
@@ -1045,14 +1091,32 @@ class Cache:
         self._count_record(record, decision.counter)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        lead: _Lead | None = flow.metadata.get(_LEAD)
+        response = flow.response
+        if lead is not None and response is not None:
+            if _is_event_stream(response):
+                # Passed to the client event by event as the model writes them, and recorded on the way.
+                recorded = lead.recorded = bytearray()
+
+                def record_chunk(chunk: bytes) -> bytes:
+                    recorded.extend(chunk)
+                    return chunk
+
+                response.stream = record_chunk
+                decision = Decision.REFRESH if lead.asked.directives.no_cache else Decision.MISS
+                response.headers["x-cache"] = decision.value
+                response.headers["x-cache-key"] = lead.asked.record.key_id
+            return
+        if response is not None and not response.stream and _is_event_stream(response):
+            response.stream = True  # Server-Sent Events pass event by event, never held back whole
         record: CacheRecord | None = flow.metadata.get(RECORD)
         if (
-            flow.response is not None
+            response is not None
             and record is not None
             and record.decision is Decision.BYPASS
-            and "x-cache" not in flow.response.headers
+            and "x-cache" not in response.headers
         ):
-            flow.response.headers["x-cache"] = "BYPASS"  # a streamed exchange mitmproxy forwards itself
+            response.headers["x-cache"] = "BYPASS"  # an exchange mitmproxy forwards as it is
 
     # --- versions and model metadata -----------------------------------------------------------
 

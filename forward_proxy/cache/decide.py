@@ -119,10 +119,14 @@ def unstorable(
     statuses: Collection[int],
     max_entry_size: int,
     keyed_headers: Collection[str],
+    whole_stream: bool = False,
 ) -> str | None:
-    """Why an upstream answer must be neither stored nor shared, or None when it may be both."""
+    """Why an upstream answer must be neither stored nor shared, or None when it may be both.
+    `whole_stream`: a completion's Server-Sent Events, recorded whole (`generation.complete_stream`)."""
     header = joined_headers(fields)
-    reason = unstorable_reason(status, header, len(content), statuses, max_entry_size, keyed_headers)
+    reason = unstorable_reason(
+        status, header, len(content), statuses, max_entry_size, keyed_headers, whole_stream=whole_stream
+    )
     if reason is not None:
         return reason
     if unparsable_json(header, content):

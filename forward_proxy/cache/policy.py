@@ -123,11 +123,13 @@ def unstorable_reason(
     statuses: Collection[int],
     max_entry_size: int,
     keyed_headers: Collection[str] = (*KEY_HEADERS, *PARTITION_HEADERS),
+    whole_stream: bool = False,
 ) -> str | None:
     """Why a response must not be stored, or None when it may be. `header` maps lower-case names.
 
     `keyed_headers` (lower-case) are the request headers the cache key covers: an answer that varies on
-    any other request header (`Vary: Accept-Language`) would be served to requests it does not fit."""
+    any other request header (`Vary: Accept-Language`) would be served to requests it does not fit.
+    `whole_stream`: a Server-Sent Events answer was recorded from its first event to its end."""
     if status_code not in statuses:
         return f"status {status_code}"
     directives = parse_cache_control(header.get("cache-control"))
@@ -142,8 +144,9 @@ def unstorable_reason(
     unkeyed = [name for name in varying if name and name not in keyed_headers]
     if unkeyed:
         return f"Vary: {', '.join(unkeyed)} (not in the key; see cache_vary_headers)"
-    if header.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream":
-        return "streamed (text/event-stream)"
+    streamed = header.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream"
+    if streamed and not whole_stream:
+        return "streamed (text/event-stream), not recorded whole"
     if content_length > max_entry_size:
         return f"{content_length} bytes, over the entry size limit of {max_entry_size}"
     lifetime = response_lifetime(header.get("cache-control"), float("inf"))

@@ -22,6 +22,8 @@ DEFAULT_RULES = (
     "POST /v1/embeddings",
     "POST /v2/models/*/infer",
     "POST /v2/models/*/versions/*/infer",
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
 )
 
 _METHOD = re.compile(r"^(\*|[A-Za-z]+)$")

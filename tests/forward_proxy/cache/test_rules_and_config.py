@@ -26,7 +26,9 @@ DEFAULTS = Rules.parse(DEFAULT_RULES)
         ("GET", "127.0.0.1", 8000, "/v1/embeddings", None),
         ("POST", "127.0.0.1", 8000, "/v1/embeddings/extra", None),
         ("POST", "127.0.0.1", 8000, "/v2/models/a/b/infer", None),
-        ("POST", "127.0.0.1", 8000, "/v1/chat/completions", None),
+        ("POST", "127.0.0.1", 8000, "/v1/chat/completions", "POST /v1/chat/completions"),
+        ("POST", "127.0.0.1", 8000, "/v1/completions", "POST /v1/completions"),
+        ("POST", "127.0.0.1", 8000, "/v1/models", None),
         ("GET", "example.com", 443, "/", None),
     ],
 )
