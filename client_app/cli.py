@@ -191,7 +191,8 @@ def cmd_chat(args: argparse.Namespace, client: ModelApiClient) -> int:
     )
     kind = f"streamed in {answer.chunks} chunks" if stream else "not streamed"
     print(
-        f"{reply.method} {reply.url} → {reply.status}, {first}{reply.seconds:.2f} s in all ({kind}), {_via(reply.proxy)}"
+        f"{reply.method} {reply.url} → {reply.status}, {first}{reply.seconds * 1000:.1f} ms in all ({kind}), "
+        f"{_via(reply.proxy)}"
     )
     print(_cache_line(reply))
     usage_text = " ".join(f"{key}={value}" for key, value in answer.usage.items()) or "-"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the user's loop in one command.
 #
-# Starts the model API (all-MiniLM-L6-v2 + an exported digits classifier) and the forward proxy on
-# loopback, exports HTTP_PROXY, runs the client scripts cold and then warm, prints the cache statistics,
-# and stops everything it started (by PID), also on Ctrl-C.
+# Starts the model API (all-MiniLM-L6-v2, an exported digits classifier and the chat model
+# SmolLM2-135M-Instruct) and the forward proxy on loopback, exports HTTP_PROXY, runs the client scripts
+# cold and then warm, asks the chat model the same question twice (computed, then replayed from the
+# cache), prints the cache statistics, and stops everything it started (by PID), also on Ctrl-C.
 #
 # Environment: DEMO_DIR (default .demo), DEMO_API_PORT / DEMO_PROXY_PORT / DEMO_ADMIN_PORT (defaults
 # 8000 / 8080 / 8081, or free ports when those are taken), DEMO_HOLD=1 keeps both servers running after
@@ -83,7 +84,7 @@ if [ ! -f "$DEMO_DIR/digits.pt2" ]; then
   "$MODEL_BIN/model-api" export-example "$DEMO_DIR/digits.pt2"
 fi
 
-bold "starting the model API on $API_URL (logs: $DEMO_DIR/model-api.log)"
+bold "starting the model API on $API_URL with the chat model (loading takes a while; logs: $DEMO_DIR/model-api.log)"
 "$MODEL_BIN/model-api" serve --host 127.0.0.1 --port "$API_PORT" \
   --model all-MiniLM-L6-v2 --model "digits=$DEMO_DIR/digits.pt2" >"$DEMO_DIR/model-api.log" 2>&1 &
 pids+=($!)
@@ -99,7 +100,7 @@ proxy_pid=$!
 echo "forward proxy PID $proxy_pid"
 
 wait_http "$ADMIN_URL/stats" 60 "$proxy_pid"
-wait_http "$API_URL/v2/health/ready" 180 "$api_pid"
+wait_http "$API_URL/v2/health/ready" 420 "$api_pid" # it answers once every model, the chat model too, is loaded
 echo "both are up"
 
 export HTTP_PROXY="$PROXY_URL" http_proxy="$PROXY_URL" MODEL_API_URL="$API_URL"
@@ -120,6 +121,15 @@ bold "cold: the first run computes everything in the model"
 run_clients
 bold "warm: the same scripts again, answered from the cache"
 run_clients
+
+ask_chat() {
+  say client-app chat --max-tokens 32 "What does a forward proxy do?"
+  "$client" chat --max-tokens 32 "What does a forward proxy do?"
+}
+bold "chat, cold: a greedy question (temperature 0), its answer generated token by token by the chat model"
+ask_chat
+bold "chat, warm: the same question, its answer replayed by the proxy as the same stream of events"
+ask_chat
 
 bold "an ordinary request passes through the proxy untouched by the cache"
 say client-app fetch "$API_URL/v1/models"

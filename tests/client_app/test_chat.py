@@ -41,7 +41,7 @@ def test_chat_streams_the_answer_and_says_how_it_came(chat_api: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "proxy" in answer_of(result.stdout).lower()
     status = re.search(
-        r"→ 200, first token in [\d.]+ ms, [\d.]+ s in all \(streamed in (\d+) chunks\)", result.stdout
+        r"→ 200, first token in [\d.]+ ms, [\d.]+ ms in all \(streamed in (\d+) chunks\)", result.stdout
     )
     assert status and int(status.group(1)) > 3, result.stdout
     assert "X-Cache: (none: the answer did not pass a caching proxy)" in result.stdout
