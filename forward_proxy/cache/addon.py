@@ -42,6 +42,7 @@ from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonica
 from forward_proxy.cache.checks import CheckFailed, Service, TlsTrust, ask
 from forward_proxy.cache.config import OPTIONS, CacheConfig
 from forward_proxy.cache.decide import (
+    ROW_TOKENS_HEADER,
     USAGE_HEADER,
     Lookup,
     Stored,
@@ -112,6 +113,7 @@ _NOT_STORED = frozenset(
         "transfer-encoding",
         "date",
         USAGE_HEADER,
+        ROW_TOKENS_HEADER,
     }
 )
 # ... and, for rows (stored decoded, one row each), what describes the whole batch's bytes.
@@ -255,6 +257,8 @@ class Cache:
         self.services: dict[str, Service] = {}  # where mitmproxy reached each service last
         self._checks: dict[str, asyncio.Task[bool]] = {}
         self._batching: dict[tuple[str, str, str | None], bool] = {}  # KServe: does the model batch
+        # (service, route) whose upstream answered a batch whole, not in rows: its batches are not split
+        self._answers_whole: set[tuple[str, str]] = set()
         self._secret = os.urandom(32)
         self._secret_shared = False  # False: this process's own secret, until the backend's can be read
         self._secret_tried_at = float("-inf")
@@ -463,7 +467,7 @@ class Cache:
             directives = dataclasses.replace(directives, only_if_cached=False)  # no oracle for others' texts
         whole_key = cache_key(parts, self._secret)
         batch = None
-        if config.per_item_cache and not generation:
+        if config.per_item_cache and not generation and (service, rule.label) not in self._answers_whole:
             batch = await self._rows_of(parts, document, service)
         if batch is None:
             batch, keys = WholeRequest(body.data), [whole_key]
@@ -745,7 +749,9 @@ class Cache:
                 if lead.rewritten or reason is not None:
                     reason = reason or f"the answer cannot be split into rows ({exc})"
                 else:  # the client's own request: its answer is kept whole, as for any request
+                    self._answers_whole.add((asked.service, asked.rule.label))
                     asked.as_whole()
+                    self.flights.alias(lead.flight, [asked.whole_key])  # the next request asks for it
                     lead.positions = [0]
         if not asked.split:
             fresh = [RowAnswer(None, 0, raw=content)]
@@ -845,6 +851,8 @@ class Cache:
         headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in shared.headers)
         if answer.estimated:
             headers += ((USAGE_HEADER, "estimated"),)
+        if asked.batch.protocol == "openai-embeddings" and answer.tokens is not None:
+            headers += ((ROW_TOKENS_HEADER, str(answer.tokens)),)
         content = answer.body()
         return Entry(
             status_code=shared.status,
@@ -1123,15 +1131,16 @@ class Cache:
     def _learn(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Every answer mitmproxy forwarded teaches the service's address and current version."""
         assert self.config is not None
+        if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
+            return  # answered by an addon (a hit), not by the upstream
         request = flow.request
         origin = f"{request.scheme}://{request.host}:{request.port}"
         service = f"{origin} {request.headers.get('host') or request.host}"
-        if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
-            return  # answered by an addon, not by the upstream
         self.services[service] = _service_of(flow)
         version = response.headers.get(self.config.version_header)
-        learned = version is not None or 200 <= response.status_code < 300
-        if learned and self.versions.learn(service, version, time.time()) and version is not None:
+        # Only an answer that names a version teaches one: a route of the service that sends none says
+        # nothing about the deployment (the version check's answer does, with or without the header).
+        if version is not None and self.versions.learn(service, version, time.time()):
             logger.info(f"{service} now runs version {version}")
 
     async def _version_confirmed(self, service: str, directives: RequestDirectives) -> bool:

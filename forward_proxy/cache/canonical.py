@@ -50,8 +50,10 @@ def _inflate(data: bytes, limit: int) -> bytes:
 def _brotli(data: bytes, limit: int) -> bytes:
     decoder = brotli.Decompressor()
     out = decoder.process(data, output_buffer_limit=limit + 1)
-    if len(out) > limit or not decoder.is_finished():
+    if len(out) > limit or not decoder.can_accept_more_data():
         raise BodyTooLarge(f"the body decodes to more than {limit} bytes")
+    if not decoder.is_finished():
+        raise ValueError("a brotli body that ends early")
     return bytes(out)
 
 

@@ -89,7 +89,7 @@ def _ask(
         connection.endheaders()
         response = connection.getresponse()
         return CheckAnswer(response.status, response.getheaders(), response.read(1 << 20))
-    except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # ssl.SSLError is an OSError
         raise CheckFailed(f"{type(exc).__name__}: {exc}") from None
     finally:
         connection.close()

@@ -35,6 +35,7 @@ from forward_proxy.cache.rows import Batch, RowAnswer
 from forward_proxy.store.base import Entry
 
 USAGE_HEADER = "x-cache-usage"  # on stored rows: "estimated" when the row's token count is a share
+ROW_TOKENS_HEADER = "x-cache-row-tokens"  # on stored OpenAI rows: the row's prompt tokens
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,11 @@ def sort_entries(
     for key in dict.fromkeys(keys):
         entry = entries.get(key)
         answer = (
-            batch.load_answer(entry.content, entry_header(entry, USAGE_HEADER) == "estimated")
+            batch.load_answer(
+                entry.content,
+                entry_header(entry, USAGE_HEADER) == "estimated",
+                _number(entry_header(entry, ROW_TOKENS_HEADER)),
+            )
             if entry is not None
             else None
         )
@@ -109,6 +114,10 @@ def sort_entries(
             lookup.stale[key] = Stored(answer, entry)
         lookup.missing.append(key)
     return lookup
+
+
+def _number(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def unstorable(

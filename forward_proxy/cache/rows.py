@@ -202,9 +202,12 @@ class Batch(ABC):
         """
 
     @abstractmethod
-    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+    def load_answer(
+        self, content: bytes, estimated: bool = False, tokens: int | None = None
+    ) -> RowAnswer | None:
         """A stored row answer, or None when it is not one (then the row counts as missing).
-        `estimated`: its token count was stored as an estimate."""
+        `estimated`: its token count was stored as an estimate; `tokens`: the count stored beside it,
+        when there is one (then the answer is read only if rows must be put together)."""
 
     @abstractmethod
     def merge(self, answers: Sequence[RowAnswer]) -> bytes:
@@ -316,7 +319,11 @@ class EmbeddingBatch(Batch):
             counts[index] = share
         return counts, True
 
-    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+    def load_answer(
+        self, content: bytes, estimated: bool = False, tokens: int | None = None
+    ) -> RowAnswer | None:
+        if tokens is not None:  # a row this proxy stored: read it only when rows are put together
+            return RowAnswer(None, tokens, estimated, content)
         try:
             document = _load_object(content)
             tokens, _ = _usage(document.get("usage"))
@@ -332,9 +339,7 @@ class EmbeddingBatch(Batch):
             raise ValueError(f"{len(answers)} answers for {len(self.rows)} rows")
         if len(answers) == 1 and answers[0].raw is not None:
             return answers[0].raw  # a stored row is the answer to itself alone: its bytes as stored
-        documents = [answer.document for answer in answers]
-        if any(document is None for document in documents):
-            raise ValueError("a row answer has no document")
+        documents = [_document_of(answer) for answer in answers]
         tokens = sum(answer.tokens or 0 for answer in answers)
         first = documents[0]
         assert first is not None
@@ -373,6 +378,18 @@ def apportion(total: int, weights: Sequence[int]) -> list[int]:
 
 def _length(content: Any) -> int:
     return len(content) if isinstance(content, str | list) else 1
+
+
+def _document_of(answer: RowAnswer) -> JsonObject:
+    """A row answer's JSON document, read from its stored bytes when it came from the store."""
+    if answer.document is not None:
+        return answer.document
+    if answer.raw is None:
+        raise ValueError("a row answer has neither a document nor bytes")
+    try:
+        return _load_object(answer.raw)
+    except AnswerMismatch as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _count(value: Any) -> int | str:
@@ -552,7 +569,9 @@ class InferenceBatch(Batch):
             ]
         )
 
-    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+    def load_answer(
+        self, content: bytes, estimated: bool = False, tokens: int | None = None
+    ) -> RowAnswer | None:
         try:
             document = _load_object(content)
         except AnswerMismatch:
@@ -571,11 +590,8 @@ class InferenceBatch(Batch):
     def merge(self, answers: Sequence[RowAnswer]) -> bytes:
         if len(answers) != len(self.rows):
             raise ValueError(f"{len(answers)} answers for {len(self.rows)} rows")
-        documents = [answer.document for answer in answers]
-        if any(document is None for document in documents):
-            raise ValueError("a row answer has no document")
+        documents = [_document_of(answer) for answer in answers]
         first = documents[0]
-        assert first is not None
         layout = _layout(first)
         if any(_layout(document) != layout for document in documents if document is not None):
             raise ValueError("the row answers disagree on their outputs (names, datatypes or shapes)")
@@ -631,7 +647,9 @@ class WholeRequest(Batch):
     ) -> FreshRows:
         return FreshRows([RowAnswer(None, 0, raw=body)])
 
-    def load_answer(self, content: bytes, estimated: bool = False) -> RowAnswer | None:
+    def load_answer(
+        self, content: bytes, estimated: bool = False, tokens: int | None = None
+    ) -> RowAnswer | None:
         return RowAnswer(None, 0, raw=content)
 
     def merge(self, answers: Sequence[RowAnswer]) -> bytes:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from forward_proxy.cache.canonical import canonical_body, canonical_query
+from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonical_query
 from forward_proxy.cache.keys import KEY_HEADERS, KeyParts, cache_key, key_headers, key_id, partition
 
 pytestmark = pytest.mark.reliability
@@ -65,7 +65,11 @@ def meaning(raw: bytes) -> tuple[str, Any]:
 def test_the_canonicaliser_never_raises_and_is_deterministic(
     raw: bytes, content_type: str | None, encoding: str | None, ignore: list[str]
 ) -> None:
-    first = canonical_body(raw, content_type, encoding, ignore)
+    try:
+        first = canonical_body(raw, content_type, encoding, ignore)
+    except BodyTooLarge:  # two codings: a bomb's shape, never undone (the cache forwards it untouched)
+        assert encoding is not None and "," in encoding
+        return
     assert first.data.startswith(PREFIXES)
     assert canonical_body(raw, content_type, encoding, ignore) == first
 
