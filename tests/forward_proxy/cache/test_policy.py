@@ -60,7 +60,12 @@ def test_parse_cache_control() -> None:
         (200, {"cache-control": "max-age=0"}, 10, "Cache-Control: max-age=0"),
         (200, {"set-cookie": "session=1"}, 10, "sets a cookie"),
         (200, {"vary": "*"}, 10, "Vary: *"),
-        (200, {"content-type": "text/event-stream; charset=utf-8"}, 10, "streamed (text/event-stream), not recorded whole"),
+        (
+            200,
+            {"content-type": "text/event-stream; charset=utf-8"},
+            10,
+            "streamed (text/event-stream), not recorded whole",
+        ),
         (200, {}, 101, "101 bytes, over the entry size limit of 100"),
         (200, {"cache-control": "public, max-age=60"}, 100, None),
     ],
