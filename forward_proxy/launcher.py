@@ -177,7 +177,10 @@ def forward_proxy_master(opts: Any) -> Any:
         upstream_auth,
     )
 
+    from forward_proxy.mitmseams import use_hook_table
+
     lean = master.Master(opts, with_termlog=True)
+    use_hook_table(lean)  # each event's handlers looked up once, not on every call
     lean.addons.add(
         core.Core(),
         block.Block(),  # block_global / block_private

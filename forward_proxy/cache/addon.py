@@ -683,7 +683,8 @@ class Cache:
         response = flow.response
         if response is None or self.config is None:
             return
-        self._learn(flow, response)
+        named = response.headers.get(self.config.version_header)  # the version this answer names
+        self._learn(flow, named)
         lead: _Lead | None = flow.metadata.pop(_LEAD, None)
         if lead is None:
             record: CacheRecord | None = flow.metadata.get(RECORD)
@@ -703,7 +704,7 @@ class Cache:
         status = response.status_code
         if status >= 500:
             self._count(asked, "upstream_errors")
-        version = response.headers.get(config.version_header, asked.parts.version)
+        version = named if named is not None else asked.parts.version
         if version != asked.parts.version and not lookup.found:  # the key of the version that answers
             versioned = dataclasses.replace(asked.parts, version=version)
             asked.record.key_id = key_id(cache_key(versioned, self._secret))
@@ -715,7 +716,7 @@ class Cache:
             self._settle(lead, Outcome())
             self._answer_stale(asked, lookup)
             return
-        if opaque_server_error(
+        if status >= 500 and opaque_server_error(
             status, {"content-type": response.headers.get("content-type", "")}, response.raw_content or b""
         ):
             self._settle(lead, Outcome())
@@ -1128,7 +1129,7 @@ class Cache:
 
     # --- versions and model metadata -----------------------------------------------------------
 
-    def _learn(self, flow: http.HTTPFlow, response: http.Response) -> None:
+    def _learn(self, flow: http.HTTPFlow, version: str | None) -> None:
         """Every answer mitmproxy forwarded teaches the service's address and current version."""
         assert self.config is not None
         if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
@@ -1137,7 +1138,6 @@ class Cache:
         origin = f"{request.scheme}://{request.host}:{request.port}"
         service = f"{origin} {request.headers.get('host') or request.host}"
         self.services[service] = _service_of(flow)
-        version = response.headers.get(self.config.version_header)
         # Only an answer that names a version teaches one: a route of the service that sends none says
         # nothing about the deployment (the version check's answer does, with or without the header).
         if version is not None and self.versions.learn(service, version, time.time()):

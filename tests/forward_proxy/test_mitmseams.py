@@ -45,3 +45,45 @@ def test_an_answer_chosen_in_one_task_never_reaches_another() -> None:
         return json_error_response(502, "Connection refused")
 
     assert asyncio.run(main()).startswith(b"HTTP/1.1 502")
+
+
+def test_the_hook_table_calls_what_mitmproxy_would_in_the_same_order_and_follows_changes() -> None:
+    from mitmproxy import hooks
+    from mitmproxy.test import taddons
+
+    calls: list[str] = []
+
+    class First:
+        def running(self) -> None:
+            calls.append("first")
+
+    class Second:
+        async def running(self) -> None:
+            calls.append("second")
+
+    class Halting:
+        def running(self) -> None:
+            from mitmproxy import exceptions
+
+            calls.append("halting")
+            raise exceptions.AddonHalt
+
+    class Later:
+        def running(self) -> None:
+            calls.append("later")
+
+    with taddons.context() as context:
+        mitmseams.use_hook_table(context.master)
+        assert isinstance(context.master.addons, mitmseams.HookTable)
+        first, second = First(), Second()
+        context.master.addons.add(first, second)
+        asyncio.run(context.master.addons.trigger_event(hooks.RunningHook()))
+        assert calls == ["first", "second"]
+        context.master.addons.remove(first)  # the table follows the chain
+        calls.clear()
+        asyncio.run(context.master.addons.trigger_event(hooks.RunningHook()))
+        assert calls == ["second"]
+        context.master.addons.add(Halting(), Later())  # AddonHalt stops the event, as in mitmproxy
+        calls.clear()
+        asyncio.run(context.master.addons.trigger_event(hooks.RunningHook()))
+        assert calls == ["second", "halting"]
