@@ -199,6 +199,11 @@ def _shared_of(entry: Entry) -> _Shared:
     )
 
 
+def _service_name(request: http.Request) -> str:
+    """The service a request is for: its origin and the `Host` it names (one address may serve many)."""
+    return f"{request.scheme}://{request.host}:{request.port} {request.host_header or request.host}"
+
+
 def _service_of(flow: http.HTTPFlow) -> Service:
     """Where the cache's own questions about a flow's service go: the address mitmproxy connected to
     (or, before it connected, the address the egress policy pinned the flow to), with the flow's `Host`
@@ -446,7 +451,7 @@ class Cache:
         if not self._secret_shared:
             self._load_shared_secret()
 
-        service = f"{origin} {header.get('host') or request.host}"
+        service = _service_name(request)
         if service not in self.services:  # not reached yet: where mitmproxy is about to connect
             self.services[service] = _service_of(flow)
         confirmed = await self._version_confirmed(service, directives)
@@ -1134,9 +1139,7 @@ class Cache:
         assert self.config is not None
         if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
             return  # answered by an addon (a hit), not by the upstream
-        request = flow.request
-        origin = f"{request.scheme}://{request.host}:{request.port}"
-        service = f"{origin} {request.headers.get('host') or request.host}"
+        service = _service_name(flow.request)
         self.services[service] = _service_of(flow)
         # Only an answer that names a version teaches one: a route of the service that sends none says
         # nothing about the deployment (the version check's answer does, with or without the header).
