@@ -982,6 +982,7 @@ class Cache:
             tokens = completion_tokens(content, asked.streamed)  # what the model did not generate again
             if tokens is not None:
                 fields.append((SAVED_TOKENS_HEADER.encode(), str(tokens).encode()))
+                self._count(asked, "completion_tokens_saved", tokens)
         fields.append((b"content-length", str(len(content)).encode()))
         now = time.time()
         asked.flow.response = http.Response(

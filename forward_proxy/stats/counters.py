@@ -69,8 +69,11 @@ DECISION_NAMES = ("hits", "misses", "bypasses", "refreshes", "coalesced", "stale
 # them to its `misses`: they went upstream too); `rows`, `rows_from_cache` and `rows_upstream` count the rows of batches answered row by row
 # (in `RouteCounts.counts` once counted).
 ROW_NAMES = ("partials", "rows", "rows_from_cache", "rows_upstream")
+# Completions answered from the cache: the tokens the model did not generate again, as its stored `usage`
+# says (the generation time saved is `upstream_seconds_saved` on the completion routes, per model).
+GENERATION_NAMES = ("completion_tokens_saved",)
 _MICROSECONDS = 1_000_000
-_KNOWN = frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES) | frozenset(ROW_NAMES)
+_KNOWN = frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES) | frozenset(ROW_NAMES) | frozenset(GENERATION_NAMES)
 
 
 # Counts that prove an upstream answered at that origin (now, or when the entry served was stored).
