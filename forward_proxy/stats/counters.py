@@ -14,7 +14,9 @@ the report adds `partials` to its `misses`). `stores`,
 `store_errors`, `upstream_errors` and `evictions` are events counted as they happen (evictions carry an
 empty origin and route: they are not attributable). `bytes_served_from_cache` and
 `upstream_seconds_saved` are added for answers served from the store (HIT and STALE);
-`upstream_seconds` is the time spent upstream by the calls the proxy made.
+`upstream_seconds` is the time spent upstream by the calls the proxy made. `completion_tokens_saved`
+(`GENERATION_NAMES`) adds, for every completion answered without generating it again (HIT, STALE,
+COALESCED), the completion tokens its stored `usage` reports.
 
 Bounded labels (`LabelBounds`): the model comes from request bodies and the origin from any host:port a
 client names, so neither may grow the store or `/metrics` without limit. A label value longer than
@@ -73,7 +75,9 @@ ROW_NAMES = ("partials", "rows", "rows_from_cache", "rows_upstream")
 # says (the generation time saved is `upstream_seconds_saved` on the completion routes, per model).
 GENERATION_NAMES = ("completion_tokens_saved",)
 _MICROSECONDS = 1_000_000
-_KNOWN = frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES) | frozenset(ROW_NAMES) | frozenset(GENERATION_NAMES)
+_KNOWN = (
+    frozenset(COUNT_NAMES) | frozenset(SECONDS_NAMES) | frozenset(ROW_NAMES) | frozenset(GENERATION_NAMES)
+)
 
 
 # Counts that prove an upstream answered at that origin (now, or when the entry served was stored).
@@ -178,7 +182,7 @@ class RouteCounts:
     origin: str
     route: str
     model: str | None
-    counts: dict[str, float]  # every name of COUNT_NAMES, SECONDS_NAMES and ROW_NAMES, 0 when never counted
+    counts: dict[str, float]  # every name of the four *_NAMES above, 0 when never counted
 
 
 @dataclass
@@ -214,7 +218,7 @@ class Counters:
 
     def count(self, name: str, *, origin: str, route: str, model: str | None, amount: float = 1) -> None:
         if name not in _KNOWN:
-            raise ValueError(f"unknown counter {name!r}; the names are COUNT_NAMES and SECONDS_NAMES")
+            raise ValueError(f"unknown counter {name!r}; the names are the *_NAMES of stats/counters.py")
         value = round(amount * _MICROSECONDS) if name in SECONDS_NAMES else int(amount)
         if not value:
             return
@@ -335,6 +339,7 @@ class Counters:
                     **dict.fromkeys(COUNT_NAMES, 0),
                     **dict.fromkeys(SECONDS_NAMES, 0.0),
                     **dict.fromkeys(ROW_NAMES, 0),
+                    **dict.fromkeys(GENERATION_NAMES, 0),
                 }
                 group = routes[(origin, route, model)] = RouteCounts(origin, route, model, counts)
             group.counts[name] = group.counts.get(name, 0) + (

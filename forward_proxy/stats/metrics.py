@@ -16,6 +16,7 @@ Labels: `origin` ("http://127.0.0.1:8000"), `route` (the cache rule, "POST /v1/e
     forward_proxy_cache_served_bytes_total{origin,route,model}
     forward_proxy_cache_saved_upstream_seconds_total{origin,route,model}
     forward_proxy_upstream_seconds_total{origin,route,model}
+    forward_proxy_cache_saved_completion_tokens_total{origin,route,model}
     forward_proxy_cache_entries
     forward_proxy_cache_size_bytes
     forward_proxy_cache_limit_bytes            (absent when the cache has no limit)
@@ -60,6 +61,11 @@ _ROUTE_COUNTERS = (
         "Upstream time the answers served from the cache originally took.",
     ),
     ("upstream_seconds", "forward_proxy_upstream_seconds", "Time spent upstream on cached routes."),
+    (
+        "completion_tokens_saved",
+        "forward_proxy_cache_saved_completion_tokens",
+        "Completion tokens the model did not generate again: completions answered from the cache.",
+    ),
 )
 
 _LABELS = ("origin", "route", "model")

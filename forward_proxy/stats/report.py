@@ -25,12 +25,18 @@ The object (`schema_version` 1; fields are only ever added, never renamed or rem
                             shared: repeated inside their batch, computed by a batch in flight, or
                             waited for (COALESCED); or refused (`only-if-cached` and not cached)
     row_hit_ratio           rows_from_cache / rows, 0.0 before the first row
+    completion_tokens_saved tokens the chat or completion model did not generate again: for every
+                            completion answered from the cache (HIT, STALE or COALESCED), the
+                            `usage.completion_tokens` of its stored answer. The generation time saved is
+                            `upstream_seconds_saved` of the same route and model
     entries, size_bytes     what the cache holds now
     limit_bytes             its size limit, null when unlimited
     fill_ratio              size_bytes / limit_bytes, null when unlimited
-    origins                 one object per origin: origin, the counts, hit_ratio, the row figures
+    origins                 one object per origin: origin, the counts, hit_ratio, the row figures,
+                            completion_tokens_saved
     routes                  one object per (origin, route, model): origin, route, model (null when the
-                            requests name none), the counts, hit_ratio, the row figures; busiest first
+                            requests name none), the counts, hit_ratio, the row figures,
+                            completion_tokens_saved; busiest first
 
 Events that belong to no request (for example an eviction) are counted under origin "" and route "".
 """
@@ -42,7 +48,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from forward_proxy.cache.units import format_duration, format_size
-from forward_proxy.stats.counters import COUNT_NAMES, ROW_NAMES, SECONDS_NAMES, Counters, Snapshot
+from forward_proxy.stats.counters import (
+    COUNT_NAMES,
+    GENERATION_NAMES,
+    ROW_NAMES,
+    SECONDS_NAMES,
+    Counters,
+    Snapshot,
+)
 from forward_proxy.store.base import CacheStore, CounterStore, Volume
 
 REPORT_SCHEMA_VERSION = 1
@@ -118,6 +131,7 @@ def _row(raw: Mapping[str, float], **labels: str | None) -> dict[str, Any]:
         "hit_ratio": hit_ratio(counts["hits"], counts["requests"]),
         **rows,
         "row_hit_ratio": row_hit_ratio(rows["rows_from_cache"], rows["rows"]),
+        **{name: int(raw.get(name, 0)) for name in GENERATION_NAMES},
     }
 
 
@@ -161,8 +175,10 @@ def render_table(report: Mapping[str, Any]) -> str:
             ("partial answers", str(report["partials"])),
             ("batch rows", format_rows(report)),
         ]
+    summary.append(("upstream time saved", format_seconds(report["upstream_seconds_saved"])))
+    if report["completion_tokens_saved"]:  # only once a completion was answered from the cache
+        summary.append(("tokens saved", str(report["completion_tokens_saved"])))
     summary += [
-        ("upstream time saved", format_seconds(report["upstream_seconds_saved"])),
         ("upstream time spent", format_seconds(report["upstream_seconds"])),
         ("served from cache", format_size(report["bytes_served_from_cache"])),
         ("entries", str(report["entries"])),
@@ -177,6 +193,7 @@ def render_table(report: Mapping[str, Any]) -> str:
         lines.append("No cached route has seen a request yet.")
         return "\n".join(lines) + "\n"
     with_rows = bool(report["rows"])  # the PARTIAL and ROWS columns only where batches were answered in rows
+    with_tokens = bool(report["completion_tokens_saved"])  # TOKENS SAVED only once a completion was a hit
     header = [
         "ORIGIN",
         "ROUTE",
@@ -185,6 +202,7 @@ def render_table(report: Mapping[str, Any]) -> str:
         *(("PARTIAL", "ROWS") if with_rows else ()),
         "HIT RATIO",
         "SAVED",
+        *(("TOKENS SAVED",) if with_tokens else ()),
     ]
     body = [
         [
@@ -195,6 +213,7 @@ def render_table(report: Mapping[str, Any]) -> str:
             *((str(row["partials"]), _format_route_rows(row)) if with_rows else ()),
             format_percent(row["hit_ratio"]),
             format_seconds(row["upstream_seconds_saved"]),
+            *((str(row["completion_tokens_saved"] or "-"),) if with_tokens else ()),
         ]
         for row in routes
     ]

@@ -66,6 +66,7 @@ SAMPLE_FIELDS = (
     "rows",
     "rows_from_cache",
     "upstream_seconds_saved",
+    "completion_tokens_saved",
     "bytes_served_from_cache",
     "entries",
     "size_bytes",

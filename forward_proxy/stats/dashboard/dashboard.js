@@ -130,6 +130,10 @@ function renderSummary(report) {
 
   setText("kpi-saved", formatSeconds(report.upstream_seconds_saved));
   setText("kpi-saved-detail", formatSeconds(report.upstream_seconds) + " spent upstream");
+  // Only once a completion was answered from the cache: a cache of embeddings alone never shows it.
+  setText("kpi-tokens-saved", report.completion_tokens_saved
+    ? plural(report.completion_tokens_saved, "token", "tokens") + " not generated again"
+    : "\u00a0");
 
   setText("kpi-bytes", formatBytes(report.bytes_served_from_cache));
   setText("kpi-bytes-detail", plural(report.hits + report.stale, "answer", "answers") + " from the store");
@@ -179,7 +183,7 @@ function renderRoutes(report) {
   const routes = report.routes.filter((r) => r.origin || r.route).slice(0, TOP_ROUTES);
   if (routes.length === 0) {
     const row = body.insertRow();
-    cell(row, "no request has matched a cache rule yet", "empty").colSpan = 10;
+    cell(row, "no request has matched a cache rule yet", "empty").colSpan = 11;
     return;
   }
   for (const route of routes) {
@@ -199,6 +203,7 @@ function renderRoutes(report) {
     ratio.querySelector(".ratio-text").textContent = formatPercent(route.hit_ratio);
     cell(row, formatSeconds(route.upstream_seconds_saved), "saved");
     cell(row, route.rows ? formatCount(route.rows_from_cache) + "/" + formatCount(route.rows) : "–", "rows");
+    cell(row, route.completion_tokens_saved ? formatCount(route.completion_tokens_saved) : "–", "tokens");
   }
 }
 

@@ -6,6 +6,7 @@ from typing import Any
 
 EMBEDDINGS = "POST /v1/embeddings"
 INFER = "POST /v2/models/*/infer"
+CHAT = "POST /v1/chat/completions"
 ORIGIN = "http://127.0.0.1:8000"
 
 
@@ -33,6 +34,7 @@ def route_row(origin: str, route: str, model: str | None, **counts: float) -> di
         {name: int(counts.get(name, 0)) for name in ("partials", "rows", "rows_from_cache", "rows_upstream")}
     )
     row["row_hit_ratio"] = row["rows_from_cache"] / row["rows"] if row["rows"] else 0.0
+    row["completion_tokens_saved"] = int(counts.get("completion_tokens_saved", 0))
     return row
 
 
@@ -74,6 +76,31 @@ def sample_report(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
         ),
         route_row("", "", None, evictions=2),
     ]
+    return _report(routes, generated_at)
+
+
+def sample_report_with_chat(generated_at: float = 1_700_000_100.0) -> dict[str, Any]:
+    """`sample_report` and 4 chat completions (1 miss, 2 hits, 1 coalesced waiter: 32 tokens each saved)."""
+    report = sample_report(generated_at)
+    chat = route_row(
+        ORIGIN,
+        CHAT,
+        "smol",
+        requests=4,
+        hits=2,
+        misses=1,
+        coalesced=1,
+        stores=1,
+        bytes_served_from_cache=1200,
+        upstream_seconds_saved=3.0,
+        upstream_seconds=1.5,
+        completion_tokens_saved=96,
+    )
+    embeddings, *others = report["routes"]
+    return _report([embeddings, chat, *others], generated_at)  # busiest first
+
+
+def _report(routes: list[dict[str, Any]], generated_at: float) -> dict[str, Any]:
     totals = {
         name: sum(row[name] for row in routes)
         for name in routes[0]

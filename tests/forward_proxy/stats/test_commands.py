@@ -95,6 +95,39 @@ def test_stats_table(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
     ]
 
 
+def test_stats_shows_the_completion_tokens_saved_per_model(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, counter_store = open_store(cache_dir)
+    chat = {"origin": ORIGIN, "route": "POST /v1/chat/completions", "model": "smol"}
+    try:
+        counters = Counters(counter_store)
+        for name, amount in (("requests", 2), ("misses", 1), ("hits", 1), ("upstream_seconds_saved", 2.25)):
+            counters.count(name, **chat, amount=amount)
+        counters.count("completion_tokens_saved", **chat, amount=40)
+    finally:
+        store.close()
+        counter_store.close()
+    _, out, _ = _run(capsys, "stats", "--json", "--cache-dir", str(cache_dir))
+    report = json.loads(out)
+    routes = {r["route"]: r for r in report["routes"]}
+    assert report["completion_tokens_saved"] == 40
+    assert (
+        routes[chat["route"]]["completion_tokens_saved"],
+        routes[chat["route"]]["upstream_seconds_saved"],
+    ) == (
+        40,
+        2.25,
+    )
+    _, out, _ = _run(capsys, "stats", "--cache-dir", str(cache_dir))
+    summary, rows = parse_table(out)
+    assert summary["tokens saved"] == "40"
+    assert [(r["ROUTE"], r["SAVED"], r["TOKENS SAVED"]) for r in rows] == [
+        ("POST /v1/embeddings", "1.500 s", "-"),
+        (chat["route"], "2.250 s", "40"),
+    ]
+
+
 def test_stats_never_changes_the_size_limit(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run(capsys, "stats", "--cache-dir", str(cache_dir))
     _run(capsys, "cache", "ls", "--cache-dir", str(cache_dir))

@@ -8,7 +8,9 @@ import pytest
 
 from forward_proxy.stats.server import AdminServer
 from tests.forward_proxy.stats.browser import dump_dom, texts_by_id
-from tests.forward_proxy.stats.sample_report import sample_report
+from tests.forward_proxy.stats.sample_report import sample_report, sample_report_with_chat
+
+NONE = "\N{EN DASH}"  # what the dashboard shows where a route has no such figure
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -38,4 +40,16 @@ def test_the_dashboard_shows_the_numbers_of_the_report(tmp_path: Path) -> None:
     assert texts["kpi-requests-detail"] == "3 misses · 1 partial"  # the partial is among the misses
     decisions = {name: texts[f"decision-{name}"] for name in ("hits", "misses", "partials", "stale")}
     assert decisions == {"hits": "5", "misses": "2", "partials": "1", "stale": "1"}  # a PARTIAL not twice
-    assert "57.1% 2.00 s 6/10" in routes
+    assert f"57.1% 2.00 s 6/10 {NONE}" in routes  # no completion tokens saved on embeddings
+    assert texts["kpi-tokens-saved"].strip() == ""  # shown only once a completion came from the cache
+
+
+def test_the_dashboard_shows_the_completion_tokens_saved(tmp_path: Path) -> None:
+    server = AdminServer(sample_report_with_chat, port=0, history_interval=0.05).start()
+    try:
+        texts = texts_by_id(dump_dom(server.url, tmp_path / "profile"))
+    finally:
+        server.stop()
+    assert texts["kpi-saved"] == "5.25 s"
+    assert texts["kpi-tokens-saved"] == "96 tokens not generated again"
+    assert f"POST /v1/chat/completions smol 4 2 1 1 50.0% 3.00 s {NONE} 96" in texts["routes-body"]

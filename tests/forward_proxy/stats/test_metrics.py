@@ -5,7 +5,14 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from forward_proxy.stats.metrics import render_metrics
-from tests.forward_proxy.stats.sample_report import EMBEDDINGS, INFER, ORIGIN, sample_report
+from tests.forward_proxy.stats.sample_report import (
+    CHAT,
+    EMBEDDINGS,
+    INFER,
+    ORIGIN,
+    sample_report,
+    sample_report_with_chat,
+)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -53,6 +60,14 @@ def test_events_bytes_and_seconds_are_counters_with_units_in_their_names() -> No
     assert samples[("forward_proxy_upstream_seconds_total", infer)] == 0.5
     unattributed = frozenset({"origin": "", "route": "", "model": ""}.items())
     assert samples[("forward_proxy_cache_evictions_total", unattributed)] == 2
+
+
+def test_completion_tokens_saved_are_a_counter_per_model() -> None:
+    samples = _samples(render_metrics(sample_report_with_chat).decode())
+    tokens = "forward_proxy_cache_saved_completion_tokens_total"
+    assert samples[(tokens, _labels(CHAT, "smol"))] == 96
+    assert samples[("forward_proxy_cache_saved_upstream_seconds_total", _labels(CHAT, "smol"))] == 3.0
+    assert samples[(tokens, _labels(EMBEDDINGS, "mini"))] == 0  # a route that generates nothing
 
 
 def test_gauges_describe_the_cache_now() -> None:

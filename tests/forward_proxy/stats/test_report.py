@@ -17,6 +17,7 @@ M1 = "http://127.0.0.1:8000"
 M2 = "http://127.0.0.1:9000"
 EMBEDDINGS = "POST /v1/embeddings"
 INFER = "POST /v2/models/*/infer"
+CHAT = "POST /v1/chat/completions"
 
 
 def _counters() -> Counters:
@@ -187,6 +188,51 @@ def test_row_figures_are_reported_overall_per_origin_and_per_route() -> None:
     routes = {(r["origin"], r["route"], r["model"]): r for r in report["routes"]}
     assert [routes[(M2, EMBEDDINGS, "mini")][name] for name in figures] == [2, 12, 5, 6, 5 / 12]
     assert [routes[(M1, EMBEDDINGS, "mini")][name] for name in figures] == [0, 0, 0, 0, 0.0]
+
+
+def _report_with_completions() -> dict[str, Any]:
+    """`_counters()` plus chat completions on M1 for two models: smol 1 miss, 2 hits and 1 coalesced waiter
+    (32 tokens each), tiny 1 hit (5 tokens); the hits saved 1.5 s each."""
+    counters = _counters()
+    for model, amounts in (
+        ("smol", {"requests": 4, "misses": 1, "hits": 2, "coalesced": 1, "upstream_seconds_saved": 3.0}),
+        ("tiny", {"requests": 1, "hits": 1, "upstream_seconds_saved": 1.5}),
+    ):
+        for name, amount in amounts.items():
+            counters.count(name, origin=M1, route=CHAT, model=model, amount=amount)
+    for model, tokens in (("smol", 32), ("smol", 32), ("smol", 32), ("tiny", 5)):
+        counters.count("completion_tokens_saved", origin=M1, route=CHAT, model=model, amount=tokens)
+    snapshot = counters.snapshot()
+    return build_report(snapshot, Volume(3, 2048, 8192), now=snapshot.started_at + 10.0)
+
+
+def test_completion_tokens_saved_are_reported_overall_per_origin_and_per_model() -> None:
+    report = _report_with_completions()
+    assert report["completion_tokens_saved"] == 101
+    origins = {o["origin"]: o for o in report["origins"]}
+    assert (origins[M1]["completion_tokens_saved"], origins[M2]["completion_tokens_saved"]) == (101, 0)
+    routes = {(r["route"], r["model"]): r for r in report["routes"] if r["origin"] == M1}
+    smol, tiny = routes[(CHAT, "smol")], routes[(CHAT, "tiny")]
+    assert (smol["completion_tokens_saved"], smol["upstream_seconds_saved"]) == (96, 3.0)
+    assert (tiny["completion_tokens_saved"], tiny["upstream_seconds_saved"]) == (5, 1.5)
+    assert routes[(EMBEDDINGS, "mini")]["completion_tokens_saved"] == 0
+    assert set(report) == set(_report())  # the same keys, whatever was counted
+
+
+def test_without_completions_from_the_cache_the_table_has_no_token_line_or_column() -> None:
+    summary, routes = parse_table(render_table(_report()))
+    assert "tokens saved" not in summary and "TOKENS SAVED" not in routes[0]
+
+
+def test_the_table_shows_the_completion_tokens_saved() -> None:
+    summary, routes = parse_table(render_table(_report_with_completions()))
+    assert summary["tokens saved"] == "101"
+    labels = list(summary)
+    assert labels.index("tokens saved") == labels.index("upstream time saved") + 1
+    rows = {(row["ROUTE"], row["MODEL"]): row for row in routes}
+    assert (rows[(CHAT, "smol")]["SAVED"], rows[(CHAT, "smol")]["TOKENS SAVED"]) == ("3.000 s", "96")
+    assert (rows[(CHAT, "tiny")]["SAVED"], rows[(CHAT, "tiny")]["TOKENS SAVED"]) == ("1.500 s", "5")
+    assert rows[(EMBEDDINGS, "mini")]["TOKENS SAVED"] == "-"
 
 
 def test_row_figures_only_add_keys() -> None:

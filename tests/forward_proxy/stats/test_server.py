@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from forward_proxy.stats.server import DASHBOARD_DIR, AdminServer
-from tests.forward_proxy.stats.sample_report import sample_report
+from forward_proxy.stats.server import DASHBOARD_DIR, AdminServer, History
+from tests.forward_proxy.stats.sample_report import sample_report, sample_report_with_chat
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -100,6 +100,13 @@ def test_history_keeps_the_last_samples(serve: Callable[..., AdminServer]) -> No
     times = [sample["time"] for sample in history["samples"]]
     assert len(times) == 4 and times == sorted(times)  # bounded, oldest first
     assert history["samples"][0]["requests"] == 10 and history["samples"][0]["hits"] == 5
+
+
+def test_a_history_sample_keeps_the_tokens_and_time_saved() -> None:
+    history = History(interval=2.0, capacity=2)
+    history.add(sample_report_with_chat())
+    [sample] = history.as_json()["samples"]
+    assert (sample["completion_tokens_saved"], sample["upstream_seconds_saved"]) == (96, 5.25)
 
 
 def test_an_unknown_path_is_a_json_404(serve: Callable[..., AdminServer]) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from forward_proxy.stats.counters import (
     COUNT_NAMES,
+    GENERATION_NAMES,
     ROW_NAMES,
     SECONDS_NAMES,
     Counters,
@@ -26,7 +27,7 @@ ROUTE = "POST /v1/embeddings"
 
 
 @given(
-    st.sampled_from(COUNT_NAMES + SECONDS_NAMES),
+    st.sampled_from(COUNT_NAMES + SECONDS_NAMES + ROW_NAMES + GENERATION_NAMES),
     st.text(),
     st.text(),
     st.one_of(st.none(), st.text(min_size=1)),
@@ -46,7 +47,8 @@ def test_snapshot_groups_by_route_and_converts_seconds() -> None:
     first = snapshot.routes[0].counts
     assert first["hits"] == 1 and first["misses"] == 0
     assert first["upstream_seconds_saved"] == pytest.approx(0.25)
-    assert set(first) == set(COUNT_NAMES) | set(SECONDS_NAMES) | set(ROW_NAMES)  # every name, 0 if unseen
+    every_name = set(COUNT_NAMES) | set(SECONDS_NAMES) | set(ROW_NAMES) | set(GENERATION_NAMES)
+    assert set(first) == every_name  # every name, 0 if unseen
     assert snapshot.total("requests") == 2
 
 
