@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http.status_codes import RESPONSES
 
 from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonical_query
@@ -69,6 +69,7 @@ from forward_proxy.cache.keys import (
     key_id,
     partition,
 )
+from forward_proxy.cache.live import LiveRelay, LiveStream
 from forward_proxy.cache.policy import RequestDirectives, opaque_server_error, request_directives
 from forward_proxy.cache.record import RECORD, CacheRecord, Decision, RowFigures
 from forward_proxy.cache.rows import (
@@ -101,6 +102,7 @@ CHECK_TIMEOUT = 5.0
 STORE_ERROR_LOG_SECONDS = 60.0
 SECRET_RETRY_SECONDS = 2.0
 _LEAD = "forward_proxy.cache.lead"
+_FOLLOWING = "forward_proxy.cache.following"  # a waiter sent to the live relay: (its request, the stream)
 _ROW_PREFIX = b"row\n"  # row keys never equal a whole request's key (whose body starts "json:" or "bytes:")
 # Headers of an answer that describe one exchange on the wire, not the stored answer.
 _NOT_STORED = frozenset(
@@ -157,6 +159,7 @@ class _Lead:
     deadline: asyncio.TimerHandle | None = None
     timed_out: bool = False
     recorded: bytearray | None = None  # a streamed answer, as it passed to the client
+    live: LiveStream | None = None  # the same, for waiters following it (when it may be shared)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ class Cache:
         self.counters = Counters(MemoryCounterStore())
         self.versions = VersionBook(interval=5.0)
         self.flights = InFlight(max_waiters=1000)
+        self.relay = LiveRelay()  # where waiters follow a stream still arriving
         self.trust = TlsTrust()
         self.services: dict[str, Service] = {}  # where mitmproxy reached each service last
         self._checks: dict[str, asyncio.Task[bool]] = {}
@@ -325,6 +329,7 @@ class Cache:
     def done(self) -> None:
         for task in self._background:
             task.cancel()
+        self.relay.close()
         self.counters.close()
         if self.backend is not None:
             self.backend.close()
@@ -577,6 +582,9 @@ class Cache:
         for outcome in outcomes:
             if outcome is None:
                 continue
+            if outcome.live is not None and not asked.split:  # still streaming: follow it live
+                await self._follow(asked, outcome.live)
+                return True
             rows.update(outcome.rows)
             shared = outcome.context or shared
             failure = outcome.failure or failure
@@ -604,6 +612,21 @@ class Cache:
             self._answer_failure(asked, lookup, failure, Decision.COALESCED)
             return True
         return False  # not shareable with this request, or no answer in time: ask on its own
+
+    async def _follow(self, asked: Asked, live: LiveStream) -> None:
+        """Send this waiter's flow to the live relay, which writes the leader's stream as it grows
+        (mitmproxy passes it on event by event); `responseheaders` puts the client's request back."""
+        host, port = await self.relay.address()
+        flow = asked.flow
+        flow.metadata[_FOLLOWING] = (flow.request, live)
+        request = flow.request.copy()
+        request.scheme, request.host, request.port, request.authority = "http", host, port, ""
+        request.method, request.path, request.content = "GET", self.relay.share(live), b""
+        for name in ("content-encoding", "transfer-encoding", "expect"):
+            request.headers.pop(name, None)
+        flow.request = request
+        flow.server_conn = connection.Server(address=(host, port))  # no upstream proxy: it is in-process
+        self._decide(flow, Decision.COALESCED)
 
     # --- leading: mitmproxy forwards the request -----------------------------------------------
 
@@ -688,6 +711,13 @@ class Cache:
         response = flow.response
         if response is None or self.config is None:
             return
+        following = flow.metadata.pop(_FOLLOWING, None)
+        if following is not None:  # a waiter that followed a live stream: it saved what the leader did
+            flow.request, live = following
+            tokens = completion_tokens(bytes(live.body), streamed=True) if live.complete else None
+            if tokens is not None:
+                self._count_record(flow.metadata[RECORD], "completion_tokens_saved", tokens)
+            return
         named = response.headers.get(self.config.version_header)  # the version this answer names
         self._learn(flow, named)
         lead: _Lead | None = flow.metadata.pop(_LEAD, None)
@@ -728,16 +758,17 @@ class Cache:
             self._answer_opaque(asked, status, response.headers.get("content-type"), decision)
             return
 
-        keyed = (*KEY_HEADERS, *PARTITION_HEADERS, *config.partition_headers, *config.vary_headers)
         content = bytes(lead.recorded) if lead.recorded is not None else response.raw_content or b""
         whole_stream = lead.recorded is not None and complete_stream(content)
+        if lead.live is not None:
+            lead.live.end(complete=whole_stream)
         reason = await _off_the_loop_if_large(
             len(content),
             functools.partial(
                 unstorable,
                 statuses=config.statuses,
                 max_entry_size=config.max_entry_size,
-                keyed_headers=keyed,
+                keyed_headers=self._keyed_headers(),
                 whole_stream=whole_stream,
             ),
             status,
@@ -814,7 +845,7 @@ class Cache:
             ]
             self.flights.alias(lead.flight, sent)  # the next request asks with the new version's keys
             rows.update(zip(sent, fresh, strict=True))
-        self.flights.publish(lead.flight, Outcome(rows=rows, context=shared))
+        self.flights.publish(lead.flight, Outcome(rows=rows, context=shared), replace=lead.live is not None)
         entries = [
             (key, self._entry(asked, shared, answer, seconds / max(len(fresh), 1), version))
             for key, answer in zip(sent, fresh, strict=True)
@@ -842,9 +873,17 @@ class Cache:
             if lead.held is not None and self.fleet is not None:
                 await self.fleet.release(lead.held, stored)
 
+    def _keyed_headers(self) -> tuple[str, ...]:
+        """The request headers in the key: an answer may `Vary` on them and still be stored."""
+        assert self.config is not None
+        config = self.config
+        return (*KEY_HEADERS, *PARTITION_HEADERS, *config.partition_headers, *config.vary_headers)
+
     def _settle(self, lead: _Lead, outcome: Outcome) -> None:
         """The lead ends without storing: waiters get `outcome`, the fleet's lease goes."""
-        self.flights.publish(lead.flight, outcome)
+        if lead.live is not None:
+            lead.live.end(complete=False)  # a no-op when the stream already ended whole
+        self.flights.publish(lead.flight, outcome, replace=lead.live is not None)
         self.flights.finish(lead.flight)
         if lead.held is not None and self.fleet is not None:
             held, lead.held = lead.held, None
@@ -890,6 +929,8 @@ class Cache:
         if lead.deadline is not None:
             lead.deadline.cancel()
         asked = lead.asked
+        if lead.live is not None:
+            lead.live.end(complete=False)  # its followers see it cut short, as this client does
         message = flow.error.msg if flow.error is not None else "the exchange failed"
         if "client disconnected" in message.lower():
             self._settle(lead, Outcome())  # the upstream is fine: waiters ask it themselves
@@ -1108,19 +1149,12 @@ class Cache:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         lead: _Lead | None = flow.metadata.get(_LEAD)
         response = flow.response
+        following = flow.metadata.get(_FOLLOWING)
+        if following is not None:
+            flow.request = following[0]  # the client's own request again, for every later hook
         if lead is not None and response is not None:
             if _is_event_stream(response):
-                # Passed to the client event by event as the model writes them, and recorded on the way.
-                recorded = lead.recorded = bytearray()
-
-                def record_chunk(chunk: bytes) -> bytes:
-                    recorded.extend(chunk)
-                    return chunk
-
-                response.stream = record_chunk
-                decision = Decision.REFRESH if lead.asked.directives.no_cache else Decision.MISS
-                response.headers["x-cache"] = decision.value
-                response.headers["x-cache-key"] = lead.asked.record.key_id
+                self._pass_stream(lead, response)
             return
         if response is not None and not response.stream and _is_event_stream(response):
             response.stream = True  # Server-Sent Events pass event by event, never held back whole
@@ -1132,6 +1166,43 @@ class Cache:
             and "x-cache" not in response.headers
         ):
             response.headers["x-cache"] = "BYPASS"  # an exchange mitmproxy forwards as it is
+
+    def _pass_stream(self, lead: _Lead, response: http.Response) -> None:
+        """A streamed answer passes to the client event by event as the model writes them, recorded on
+        the way; when it may be shared, waiters follow it live (`live.LiveRelay`)."""
+        assert self.config is not None
+        asked = lead.asked
+        decision = Decision.REFRESH if asked.directives.no_cache else Decision.MISS
+        response.headers["x-cache"] = decision.value
+        response.headers["x-cache-key"] = asked.record.key_id
+        recorded = lead.recorded = bytearray()
+        shareable = asked.generation and not unstorable(
+            response.status_code,
+            response.headers.fields,
+            b"",
+            statuses=self.config.statuses,
+            max_entry_size=self.config.max_entry_size,
+            keyed_headers=self._keyed_headers(),
+            whole_stream=True,
+        )
+        live = None
+        if shareable:
+            fields = [
+                (name, value)
+                for name, value in response.headers.fields
+                if name.decode("latin-1").lower() not in _NOT_STORED
+            ]
+            fields += [(b"x-cache", b"COALESCED"), (b"x-cache-key", asked.record.key_id.encode())]
+            live = lead.live = LiveStream(response.status_code, response.reason.encode("latin-1"), fields)
+            self.flights.publish(lead.flight, Outcome(live=live))
+
+        def record_chunk(chunk: bytes) -> bytes:
+            recorded.extend(chunk)
+            if live is not None:
+                live.append(chunk)
+            return chunk
+
+        response.stream = record_chunk
 
     # --- versions and model metadata -----------------------------------------------------------
 

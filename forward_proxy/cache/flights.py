@@ -41,6 +41,7 @@ class Outcome:
     rows: dict[str, Any] = field(default_factory=dict)  # shareable row answers by row key
     context: Any = None  # what waiters need besides the rows (status, headers, version)
     failure: Any = None  # the upstream could not be reached: waiters answer with this
+    live: Any = None  # a stream still arriving, for waiters to follow as it grows (`live.LiveStream`)
 
 
 @dataclass(eq=False)
@@ -94,8 +95,14 @@ class InFlight:
         for key in keys:
             self._by_key.setdefault(key, flight)
 
-    def publish(self, flight: Flight, outcome: Outcome) -> None:
+    def publish(self, flight: Flight, outcome: Outcome, *, replace: bool = False) -> None:
+        """Give `flight`'s waiters `outcome`. A flight publishes once, except that with `replace` a
+        later outcome supersedes an earlier one for those who join from now on (a stream shared live,
+        then its whole answer)."""
         if not flight._outcome.done():
+            flight._outcome.set_result(outcome)
+        elif replace:
+            flight._outcome = asyncio.get_running_loop().create_future()
             flight._outcome.set_result(outcome)
 
     def finish(self, flight: Flight) -> None:

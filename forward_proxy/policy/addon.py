@@ -19,6 +19,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs, server_hooks
 
+from forward_proxy.cache.live import is_internal
 from forward_proxy.errors import error_response
 from forward_proxy.policy.clients import DEFAULT_CLIENT_NETWORKS, ClientNetworks, client_address
 from forward_proxy.policy.egress import (
@@ -207,6 +208,8 @@ class EgressGuard:
         server = data.server
         if server.address is None or server.via is not None or server.error:
             return  # nothing to connect to, or an upstream proxy does the connecting
+        if is_internal(server.address):
+            return  # the cache's live relay in this process: a waiter following a stream, no egress
         host, port = server.address
         literal = parse_ip_literal(host)
         addresses = [literal] if literal is not None else await self._resolve_quietly(host, port)

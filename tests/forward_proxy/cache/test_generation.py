@@ -163,7 +163,8 @@ class TricklingUpstream:
     """A raw loopback upstream that sends a stream's first event at once and the rest a second later, as
     a model generating tokens does."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cut: bool = False) -> None:
+        self.cut = cut  # close the connection after the first event instead of finishing
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.calls = 0
@@ -185,13 +186,19 @@ class TricklingUpstream:
             head, _, body = data.partition(b"\r\n\r\n")
             length = int(
                 next(
-                    line.split(b":")[1]
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
+                    (
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    b"0",  # the cache's version check: a GET
                 )
             )
             while len(body) < length:
                 body += connection.recv(65536)
+            if not head.startswith(b"POST "):  # the cache's version check: no version here
+                connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
             self.calls += 1
             first = b'data: {"choices":[{"index":0,"delta":{"content":"A"},"finish_reason":null}]}\n\n'
             rest = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
@@ -200,7 +207,8 @@ class TricklingUpstream:
                 + b"%x\r\n%s\r\n" % (len(first), first)
             )
             time.sleep(1.0)
-            connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+            if not self.cut:
+                connection.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
 
     def close(self) -> None:
         self.server.close()
@@ -229,3 +237,64 @@ def test_a_stream_passes_event_by_event_not_held_back(proxy: RunningProxy, tempe
         trickling.close()
     assert first.startswith(b"data: ") and first_after < 0.8, f"the first event took {first_after:.2f} s"
     assert rest[-1] == b"data: [DONE]"
+
+
+def test_a_request_identical_to_a_stream_still_arriving_follows_it_live(proxy: RunningProxy) -> None:
+    """The second client gets the events so far at once and the rest as the upstream sends them (not when
+    the first stream completed), and the model generates once."""
+    trickling = TricklingUpstream()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0}
+    url = f"http://127.0.0.1:{trickling.port}{CHAT}"
+    try:
+        with proxy.session() as first_session, proxy.session() as second_session:
+            first = first_session.post(url, json=body, stream=True, timeout=30)
+            first_lines = first.iter_lines()
+            assert next(line for line in first_lines if line).startswith(b"data: ")  # the upstream is midway
+            started = time.monotonic()
+            second = second_session.post(url, json=body, stream=True, timeout=30)
+            second_lines = second.iter_lines()
+            second_first = next(line for line in second_lines if line)
+            second_first_after = time.monotonic() - started
+            second_rest = [line for line in second_lines if line]
+            first_rest = [line for line in first_lines if line]
+    finally:
+        trickling.close()
+    assert trickling.calls == 1
+    assert second.headers["X-Cache"] == "COALESCED" and first.headers["X-Cache"] == "MISS"
+    assert second.headers["Content-Type"] == "text/event-stream"
+    assert second_first_after < 0.7, f"the follower's first event took {second_first_after:.2f} s"
+    assert second_first.startswith(b'data: {"choices":[{"index":0,"delta":{"content":"A"}')
+    assert second_rest == first_rest and second_rest[-1] == b"data: [DONE]"
+
+
+def test_a_follower_of_a_stream_cut_short_sees_it_cut_and_nothing_is_stored(proxy: RunningProxy) -> None:
+    trickling = TricklingUpstream(cut=True)
+    body = {"model": "m", "messages": [{"role": "user", "content": "cut"}], "stream": True, "temperature": 0}
+    url = f"http://127.0.0.1:{trickling.port}{CHAT}"
+
+    def read_all(answer: requests.Response) -> tuple[list[bytes], bool]:
+        lines: list[bytes] = []
+        try:
+            lines.extend(line for line in answer.iter_lines() if line)
+        except requests.exceptions.RequestException:
+            return lines, False
+        return lines, True
+
+    try:
+        with proxy.session() as first_session, proxy.session() as second_session:
+            first = first_session.post(url, json=body, stream=True, timeout=30)
+            first_lines = first.iter_lines()
+            assert next(line for line in first_lines if line).startswith(b"data: ")
+            second = second_session.post(url, json=body, stream=True, timeout=30)
+            second_lines, second_whole = read_all(second)
+        assert second.headers["X-Cache"] == "COALESCED"
+        assert not second_whole or b"data: [DONE]" not in second_lines  # never a made-up end
+        assert second_lines[:1] == [
+            b'data: {"choices":[{"index":0,"delta":{"content":"A"},"finish_reason":null}]}'
+        ]
+        with proxy.session() as session:
+            again = session.post(url, json=body, stream=True, timeout=30)
+            again.close()
+        assert again.headers["X-Cache"] == "MISS" and trickling.calls == 2  # the cut stream was not stored
+    finally:
+        trickling.close()
