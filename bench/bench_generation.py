@@ -1,4 +1,4 @@
-"""The chat model: tokens/s at concurrency 1 and 4, and what a cold, a repeated and a shared answer cost.
+"""The chat model: tokens/s at concurrency 1 and 4, and what a cold answer, a hit and a shared stream cost.
 
 Starts the real model server with its chat model (SmolLM2-135M-Instruct, from `.venv-model`) on a free
 loopback port and
@@ -8,15 +8,19 @@ loopback port and
    generated tokens/s over the whole run, time to first token (p50) and time to a whole answer (p50),
    and the largest batch the engine decoded together (`/stats`): the gain of decoding concurrent
    requests together is the tokens/s ratio 4 : 1;
-2. **one answer, cold and again**: a new question, streamed, directly and through `forward-proxy run`
-   (started here on its own cache directory), then the same request through the proxy again, then
-   `--shared` identical requests at once through the proxy. For each: time to first token, time to the
-   whole answer, and the proxy's `X-Cache` header, whatever the proxy does with chat completions today.
+2. **one answer: cold, a hit, a shared stream**: one fixed question, streamed and greedy, so every answer
+   is the same `--max-tokens` tokens: straight to the model, then through `forward-proxy run` (started
+   here on its own cache directory) cold, then again (a hit from the store). Then the entry is purged
+   and the question asked once more, and as soon as its first token arrived, `--shared` identical
+   requests join it while it is still generating. For each answer: time to first token and time to the
+   whole answer, both from when that request was sent, and the proxy's `X-Cache`; whatever the proxy does
+   with the requests, it is measured as it is. Last, the generations the model ran for the shared answer
+   and the tokens and generation time saved that `forward-proxy stats` counted.
 
-    .venv/bin/python bench/bench_generation.py [--duration 20] [--concurrency 1 4] [--max-tokens 48]
+    .venv/bin/python bench/bench_generation.py [--duration 20] [--concurrency 1 4] [--max-tokens 48] [--shared 4]
 
-Needs `requests` and, for part 2, the proxy's environment (`.venv`); bounded to about three minutes with
-the defaults (most of it the model's load and the fixed-time runs).
+Needs `requests` and, for part 2, the proxy's environment (`.venv`); about a minute and a half with the
+defaults on 2 cores (most of it the model's load and the fixed-time runs).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ from client_app.chat import sse_payloads  # noqa: E402
 from tests.support.model_server import start_model_api  # noqa: E402
 
 CHAT_MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What does a forward proxy do?"  # part 2: the same question, so every answer is the same
 TOPICS = ["a forward proxy", "a cache", "an embedding", "a GPU", "a load balancer", "TLS", "DNS", "a queue"]
 
 
@@ -55,7 +62,13 @@ class Answer:
     text: str
 
 
-def ask(session: requests.Session, url: str, question: str, max_tokens: int) -> Answer:
+def ask(
+    session: requests.Session,
+    url: str,
+    question: str,
+    max_tokens: int,
+    on_first_token: Callable[[], None] = lambda: None,
+) -> Answer:
     """One streamed greedy chat request, timed from sending to its first content and to [DONE]."""
     body = {
         "model": CHAT_MODEL,
@@ -76,7 +89,9 @@ def ask(session: requests.Session, url: str, question: str, max_tokens: int) -> 
             chunk: dict[str, Any] = json.loads(data)
             for choice in chunk.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
-                    first = first if first is not None else time.perf_counter() - started
+                    if first is None:
+                        first = time.perf_counter() - started
+                        on_first_token()
                     text += choice["delta"]["content"]
                     chunks += 1
             if chunk.get("usage"):
@@ -136,51 +151,74 @@ def throughput(url: str, concurrency: int, duration: float, max_tokens: int) -> 
 def print_answer(label: str, answer: Answer) -> None:
     print(
         f"  {label:<28} first token {answer.first_token_s * 1000:8.1f} ms   whole answer "
-        f"{answer.total_s:6.2f} s   {answer.tokens:3d} tokens in {answer.chunks:3d} chunks   X-Cache: {answer.x_cache}"
+        f"{answer.total_s * 1000:8.1f} ms   {answer.tokens:3d} tokens in {answer.chunks:3d} chunks   "
+        f"X-Cache: {answer.x_cache}"
     )
 
 
-def cold_and_again(url: str, work: Path, max_tokens: int, shared: int) -> None:
+def model_generations(url: str) -> int:
+    """Chat requests the model has run so far (each generation counts one)."""
+    return int(direct_session().get(f"{url}/stats", timeout=10).json()["chat_models"][CHAT_MODEL]["requests"])
+
+
+def one_answer(url: str, work: Path, max_tokens: int, shared: int) -> None:
     try:
-        from tests.support.proxy import start_proxy
+        from tests.support.proxy import proxy_command, start_proxy
     except ImportError as error:  # pragma: no cover - the model environment has no mitmproxy
         print(f"  (no proxy part: {error}; run this benchmark with .venv/bin/python)")
         return
-    salt = uuid.uuid4().hex[:8]
     with direct_session() as session:
-        print_answer(
-            "direct, cold", ask(session, url, f"What does a forward proxy do? ({salt}-d)", max_tokens)
-        )
+        print_answer("straight to the model", ask(session, url, QUESTION, max_tokens))
     proxy = start_proxy(work, "--set", f"confdir={work / 'proxy-conf'}")
+
+    def forward_proxy(*args: str) -> str:  # `forward-proxy stats` or `cache` on this proxy's cache
+        command = [proxy_command(), *args, "--cache-dir", str(proxy.cache_dir)]
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+
     try:
-        question = f"What does a forward proxy do? ({salt}-p)"
         with proxy.session() as session:
-            cold = ask(session, url, question, max_tokens)
+            cold = ask(session, url, QUESTION, max_tokens)
             print_answer("through the proxy, cold", cold)
-            again = ask(session, url, question, max_tokens)
-            print_answer("through the proxy, again", again)
-            if again.text != cold.text:
-                print("  (the repeated answer's text differs from the first one)")
-        together = f"What does a forward proxy do? ({salt}-s)"
-        results: list[Answer] = []
+            time.sleep(0.5)  # the answer written to the store: the hit a later client gets
+            hit = ask(session, url, QUESTION, max_tokens)
+            print_answer("through the proxy, hit", hit)
+            if hit.text != cold.text:
+                print("  (the hit's text differs from the cold answer's)")
+        forward_proxy("cache", "purge", "--all")  # the same question cold again, for the shared stream
+        generations_before = model_generations(url)
+        first_token = threading.Event()
+        answers: dict[str, Answer] = {}
 
-        def one() -> None:
+        def one(name: str, on_first_token: Callable[[], None] = lambda: None) -> None:
             with proxy.session() as session:
-                results.append(ask(session, url, together, max_tokens))
+                answers[name] = ask(session, url, QUESTION, max_tokens, on_first_token)
 
-        threads = [threading.Thread(target=one) for _ in range(shared)]
+        leader = threading.Thread(target=one, args=("first", first_token.set))
+        leader.start()
+        first_token.wait(timeout=120)
+        threads = [threading.Thread(target=one, args=(f"joining #{n + 1}",)) for n in range(shared)]
         for thread in threads:
             thread.start()
-        for thread in threads:
+        for thread in [leader, *threads]:
             thread.join()
-        for number, answer in enumerate(sorted(results, key=lambda answer: answer.first_token_s)):
-            print_answer(f"{shared} at once via proxy, #{number + 1}", answer)
-        generated = direct_session().get(f"{url}/stats", timeout=10).json()["chat_models"][CHAT_MODEL]
+        print_answer("first of the shared stream", answers["first"])
+        for number in range(shared):
+            print_answer(f"joining it #{number + 1}", answers[f"joining #{number + 1}"])
         print(
-            f"  model's requests so far: {generated['requests']} (each answer the model generated counts one)"
+            f"  the {shared} joined at the first one's first token, "
+            f"{answers['first'].first_token_s * 1000:.0f} ms after it was sent; the model generated "
+            f"{model_generations(url) - generations_before} answer(s) for the {shared + 1} requests"
         )
     finally:
-        proxy.stop()
+        proxy.stop()  # which writes its last counts
+    report = json.loads(forward_proxy("stats", "--json"))
+    for row in report["routes"]:
+        if row["model"] == CHAT_MODEL:
+            print(
+                f"  forward-proxy stats, {CHAT_MODEL}: {row['hits']} hit(s), {row['coalesced']} coalesced, "
+                f"{row['completion_tokens_saved']} completion tokens and {row['upstream_seconds_saved']:.2f} s "
+                "of generation saved"
+            )
 
 
 def main() -> int:
@@ -188,7 +226,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency (default: 20)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="levels (default: 1 4)")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per answer at most (default: 48)")
-    parser.add_argument("--shared", type=int, default=4, help="identical requests sent at once (default: 4)")
+    parser.add_argument(
+        "--shared", type=int, default=4, help="identical requests joining a generation (default: 4)"
+    )
     parser.add_argument("--device", default="cpu", help="--device of the model server (default: cpu)")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as folder:
@@ -218,9 +258,10 @@ def main() -> int:
                     f"   tokens/s at {rows[-1]['concurrency']} vs {rows[0]['concurrency']}: {rows[-1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x"
                 )
             print(
-                f"\n2. one answer of at most {arguments.max_tokens} tokens: cold, again, and {arguments.shared} at once"
+                f"\n2. one answer of at most {arguments.max_tokens} tokens: cold, a hit, and {arguments.shared} "
+                "joining it while it is generated"
             )
-            cold_and_again(url, work, arguments.max_tokens, arguments.shared)
+            one_answer(url, work, arguments.max_tokens, arguments.shared)
         finally:
             process.stop()
     return 0
