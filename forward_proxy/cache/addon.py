@@ -46,6 +46,7 @@ from forward_proxy.cache.decide import (
     USAGE_HEADER,
     Lookup,
     Stored,
+    entry_header,
     expire_seconds,
     joined_headers,
     sort_entries,
@@ -72,6 +73,7 @@ from forward_proxy.cache.keys import (
 from forward_proxy.cache.live import LiveRelay, LiveStream
 from forward_proxy.cache.policy import RequestDirectives, opaque_server_error, request_directives
 from forward_proxy.cache.record import RECORD, CacheRecord, Decision, RowFigures
+from forward_proxy.cache.requestids import ECHO_HEADER, HEADER_LENGTH, echoes, id_free, is_infer, with_id
 from forward_proxy.cache.rows import (
     INPUT_TOKENS_HEADER,
     AnswerMismatch,
@@ -116,6 +118,7 @@ _NOT_STORED = frozenset(
         "date",
         USAGE_HEADER,
         ROW_TOKENS_HEADER,
+        ECHO_HEADER,
     }
 )
 # ... and, for rows (stored decoded, one row each), what describes the whole batch's bytes.
@@ -139,6 +142,8 @@ class Asked:
     whole_key: str  # the whole request's key: where an answer that cannot be split is stored
     streamed: bool = False  # a completion asked as Server-Sent Events
     generation: bool = False  # a completion or chat completion
+    id_free: tuple[bytes, str] | None = None  # KServe: the body keyed without its `id`, and the id
+    swap_id: bool = False  # answered from an id-free entry: the asker's id is written in
 
     def as_whole(self) -> None:
         """From now on the request is one row: its upstream answers in a shape the cache cannot split."""
@@ -484,6 +489,7 @@ class Cache:
         else:
             keys = [self._row_key(parts, row.key) for row in batch.rows]
         record.key_id = key_id(whole_key)
+        free = id_free(body.data, header) if batch.protocol == "whole" and is_infer(path) else None
         asked = Asked(
             flow,
             rule,
@@ -498,21 +504,22 @@ class Cache:
             whole_key,
             streamed or "text/event-stream" in header.get("accept", ""),
             generation,
+            free,
         )
 
         lookup = Lookup(missing=list(dict.fromkeys(keys)))
         if not directives.no_cache:
             # One read: the rows, and for a batch the whole answer too (an upstream that does not
             # answer in rows is stored whole).
-            entries = await self._read(asked, [*keys, whole_key] if asked.split else keys)
+            free_key = self._id_free_key(asked, parts.version)
+            read = [*keys, whole_key] if asked.split else keys
+            entries = await self._read(asked, [*read, free_key] if free_key else read)
             whole = entries.get(whole_key) if asked.split else None
             if whole is not None and whole.model_version == parts.version:
                 asked.as_whole()
                 batch, keys = asked.batch, asked.keys
-            lookup = sort_entries(
-                batch,
-                keys,
-                entries,
+            sort = functools.partial(
+                sort_entries,
                 now=time.time(),
                 directives=directives,
                 ttl=config.ttl,
@@ -520,6 +527,10 @@ class Cache:
                 version=parts.version,
                 confirmed=confirmed,
             )
+            if free_key is not None and self._echoed_usable(entries.get(free_key), batch, free_key, sort):
+                asked.keys, asked.swap_id = [free_key], True  # another id's answer, this request's id
+                keys = asked.keys
+            lookup = sort(batch, keys, entries)
         if not lookup.missing:
             self._answer_from_store(asked, lookup)
             return
@@ -534,11 +545,30 @@ class Cache:
             flights = self.flights.join([key for key in lookup.missing if key not in lookup.borrowed])
             if not flights and asked.split:
                 flights = self.flights.join([asked.whole_key])  # an upstream that answers whole
+            if not flights and asked.id_free is not None and not asked.swap_id:
+                flights = self.flights.join([self._id_free_key(asked, asked.parts.version) or ""])
             if not flights:
                 break
             if await self._wait_for(asked, lookup, flights):
                 return
         await self._lead(asked, lookup)
+
+    @staticmethod
+    def _echoed_usable(entry: Entry | None, batch: Batch, key: str, sort: Any) -> bool:
+        """Whether an id-free entry answers now: stored as echoing the id, and fresh."""
+        return (
+            entry is not None
+            and bool(entry_header(entry, ECHO_HEADER))
+            and not sort(batch, [key], {key: entry}).missing
+        )
+
+    def _id_free_key(self, asked: Asked, version: str | None) -> str | None:
+        """Where a KServe answer that only echoes the request's id is stored (`requestids`)."""
+        if asked.id_free is None:
+            return None
+        return cache_key(
+            dataclasses.replace(asked.parts, body=asked.id_free[0], version=version), self._secret
+        )
 
     async def _rows_of(self, parts: KeyParts, document: Any, service: str) -> Batch | None:
         """The request's rows when it is a batch the cache answers row by row, else None."""
@@ -591,6 +621,10 @@ class Cache:
         if asked.split and asked.whole_key in rows:  # the leader's upstream does not answer in rows
             asked.as_whole()
             lookup.found, lookup.stale, lookup.missing = {}, {}, [asked.whole_key]
+        free_key = self._id_free_key(asked, asked.parts.version) if not asked.split else None
+        if free_key is not None and asked.keys[0] not in rows and free_key in rows:  # another id's echo
+            asked.keys, asked.swap_id = [free_key], True
+            lookup.found, lookup.stale, lookup.missing = {}, {}, [free_key]
         lookup.borrowed.update((key, rows[key]) for key in lookup.missing if key in rows)
         for outcome, ready in zip(outcomes, answered_before, strict=True):
             if ready and outcome is not None:  # answered before this request came: as good as stored
@@ -845,11 +879,18 @@ class Cache:
             ]
             self.flights.alias(lead.flight, sent)  # the next request asks with the new version's keys
             rows.update(zip(sent, fresh, strict=True))
-        self.flights.publish(lead.flight, Outcome(rows=rows, context=shared), replace=lead.live is not None)
         entries = [
             (key, self._entry(asked, shared, answer, seconds / max(len(fresh), 1), version))
             for key, answer in zip(sent, fresh, strict=True)
         ]
+        free_key = self._id_free_key(asked, version) if not asked.split else None
+        if free_key is not None and asked.id_free and echoes(content, response.headers, asked.id_free[1]):
+            # Kept for every id: it differs only in the id each asker sends (`requestids`).
+            ((_, entry),) = entries
+            entries = [(free_key, dataclasses.replace(entry, headers=(*entry.headers, (ECHO_HEADER, "1"))))]
+            self.flights.alias(lead.flight, [free_key])  # another id asking before it is stored waits
+            rows[free_key] = fresh[0]
+        self.flights.publish(lead.flight, Outcome(rows=rows, context=shared), replace=lead.live is not None)
         self._spawn(self._store(lead, entries), name="store")
 
     async def _store(self, lead: _Lead, entries: list[tuple[str, Entry]]) -> None:
@@ -1007,6 +1048,12 @@ class Cache:
             for name, value in shared.headers
             if name.decode("latin-1").lower() not in _NOT_STORED
         ]
+        if asked.swap_id and asked.id_free is not None:
+            content, length = with_id(content, joined_headers(fields), asked.id_free[1])
+            if length is not None:
+                fields = [
+                    (n, length.encode() if n.lower() == HEADER_LENGTH.encode() else v) for n, v in fields
+                ]
         fields += [(b"x-cache", decision.value.encode()), (b"x-cache-key", asked.record.key_id.encode())]
         if stored_at is not None:
             fields.append((b"age", str(max(int(time.time() - stored_at), 0)).encode()))

@@ -153,3 +153,32 @@ def test_through_http_proxy(
         assert "x-cache" in {name.lower() for name in headers}  # answered through the proxy
     lines = [json.loads(line) for line in forward_proxy.log().splitlines() if line.startswith("{")]
     assert [line["status"] for line in lines if line["path"] == "/v2/models/digits/infer"] == [200, 200, 200]
+
+
+def test_the_sdks_fresh_ids_still_hit_through_the_proxy(
+    server: Server,
+    forward_proxy: RunningProxy,
+    no_proxy_variables: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kserve SDK sends a new UUID as `id` with every request it is not given one for; the model API
+    only echoes it, so the proxy answers the repeat from the cache, with the repeat's own id."""
+    for name, value in forward_proxy.env.items():
+        monkeypatch.setenv(name, value)
+    rows = digits_split().test_pixels[4:6]
+
+    async def infer(rest: InferenceRESTClient, base_url: str) -> list[tuple[Any, dict[str, str]]]:
+        answers = []
+        for _ in range(2):
+            request = digits_request(rows, binary=True)
+            request.id = None  # the SDK's default: a fresh UUID on the wire
+            headers: dict[str, str] = {}
+            answer = await rest.infer(base_url, request, model_name="digits", response_headers=headers)
+            answers.append((answer, {name.lower(): value for name, value in headers.items()}))
+        return answers
+
+    (first, first_headers), (second, second_headers) = run(server.url, infer)
+    assert (first_headers["x-cache"], second_headers["x-cache"]) == ("MISS", "HIT")
+    assert first.id != second.id and len(first.id) == len(second.id) == 36  # each its own UUID
+    assert np.array_equal(outputs_of(first)["label"], outputs_of(second)["label"])
+    assert np.array_equal(outputs_of(first)["logits"], outputs_of(second)["logits"])
