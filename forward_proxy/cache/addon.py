@@ -175,6 +175,7 @@ class _Shared:
     reason: bytes
     headers: tuple[tuple[bytes, bytes], ...]  # the answer's headers as stored
     version: str | None
+    row_seconds: float = 0.0  # the upstream time each row took
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def _shared_of(entry: Entry) -> _Shared:
         RESPONSES.get(entry.status_code, "").encode(),
         tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers),
         entry.model_version,
+        entry.upstream_seconds,
     )
 
 
@@ -635,6 +637,11 @@ class Cache:
                 self._answer_rows(
                     asked, Decision.HIT, shared, answers, from_cache=len(asked.keys), stored_at=time.time()
                 )
+                saved = sum(
+                    lookup.found[key].entry.upstream_seconds if key in lookup.found else shared.row_seconds
+                    for key in dict.fromkeys(asked.keys)
+                )
+                self._count_served(asked, saved)
             else:
                 decision = Decision.PARTIAL if self._from_cache(asked, lookup) else Decision.COALESCED
                 self._answer_rows(
@@ -847,7 +854,9 @@ class Cache:
             for name, value in response.headers.fields
             if name.decode("latin-1").lower() not in (_NOT_STORED_ROWS if asked.split else _NOT_STORED)
         )
-        shared = _Shared(status, response.reason.encode("latin-1"), stored_headers, version)
+        shared = _Shared(
+            status, response.reason.encode("latin-1"), stored_headers, version, seconds / max(len(fresh), 1)
+        )
         if lead.recorded is not None:  # streamed to the client already, headers and all
             asked.record.streamed = True
             self._decide(asked.flow, decision)
@@ -1018,14 +1027,19 @@ class Cache:
         answers = {key: stored.answer for key, stored in lookup.found.items()}
         oldest = min(stored.entry.stored_at for stored in lookup.found.values())
         self._answer_rows(asked, decision, shared, answers, from_cache=len(asked.keys), stored_at=oldest)
-        saved = sum(lookup.found[key].entry.upstream_seconds for key in dict.fromkeys(asked.keys))
+        self._count_served(
+            asked, sum(lookup.found[key].entry.upstream_seconds for key in dict.fromkeys(asked.keys))
+        )
+        self._count_rows(asked, lookup, upstream=0)
+        if decision is Decision.HIT and self.versions.state(asked.service, time.time()) is Knowledge.DUE:
+            self._check_version_soon(asked.service)
+
+    def _count_served(self, asked: Asked, saved: float) -> None:
+        """An answer served as a hit: the bytes it served and the upstream time it saved."""
         asked.record.upstream_seconds = saved
         served = asked.flow.response
         self._count(asked, "bytes_served_from_cache", len(served.raw_content or b"") if served else 0)
         self._count(asked, "upstream_seconds_saved", saved)
-        self._count_rows(asked, lookup, upstream=0)
-        if decision is Decision.HIT and self.versions.state(asked.service, time.time()) is Knowledge.DUE:
-            self._check_version_soon(asked.service)
 
     def _answer_rows(
         self,

@@ -259,3 +259,23 @@ def test_rows_with_input_tokens_merge_to_exact_usage(tmp_path: Path, cache_backe
         assert json.loads(hit.response.content)["usage"]["prompt_tokens"] == 3 + 4
 
     run_scenario(tmp_path, cache_backend, scenario)
+
+
+def test_a_hit_on_an_answer_still_being_stored_counts_what_it_saved(
+    tmp_path: Path, cache_backend: CacheBackend
+) -> None:
+    """A repeat that comes after the answer and before its store write ends is a HIT, and counts the
+    upstream time and bytes it saved like any hit."""
+
+    async def scenario(cache: Cache, upstream: FakeUpstream) -> None:
+        upstream.gate = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, upstream.gate.set)
+        first = await send(cache, upstream, post(f"{ORIGIN}/v2/models/m/infer"))
+        second = await send(cache, upstream, post(f"{ORIGIN}/v2/models/m/infer"))  # no wait for the store
+        assert first.response and second.response and second.response.headers["x-cache"] == "HIT"
+        assert upstream.count("/v2/models/m/infer") == 1
+        snapshot = cache.counters.snapshot()
+        assert snapshot.total("upstream_seconds_saved") >= 0.04
+        assert snapshot.total("bytes_served_from_cache") == len(second.response.content or b"")
+
+    run_scenario(tmp_path, cache_backend, scenario)
