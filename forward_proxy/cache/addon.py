@@ -54,11 +54,15 @@ from forward_proxy.cache.decide import (
 )
 from forward_proxy.cache.flights import Flight, InFlight, Outcome
 from forward_proxy.cache.generation import (
+    PACING_HEADER,
+    REPLAY_HEADER,
     SAVED_TOKENS_HEADER,
     cacheable,
     complete_stream,
     completion_tokens,
     is_generation,
+    paced_parts,
+    pacing,
 )
 from forward_proxy.cache.keys import (
     KEY_HEADERS,
@@ -119,6 +123,7 @@ _NOT_STORED = frozenset(
         USAGE_HEADER,
         ROW_TOKENS_HEADER,
         ECHO_HEADER,
+        PACING_HEADER,
     }
 )
 # ... and, for rows (stored decoded, one row each), what describes the whole batch's bytes.
@@ -144,6 +149,7 @@ class Asked:
     generation: bool = False  # a completion or chat completion
     id_free: tuple[bytes, str] | None = None  # KServe: the body keyed without its `id`, and the id
     swap_id: bool = False  # answered from an id-free entry: the asker's id is written in
+    paced: bool = False  # a streamed hit is replayed at the pace the original arrived at
 
     def as_whole(self) -> None:
         """From now on the request is one row: its upstream answers in a shape the cache cannot split."""
@@ -164,6 +170,7 @@ class _Lead:
     deadline: asyncio.TimerHandle | None = None
     timed_out: bool = False
     recorded: bytearray | None = None  # a streamed answer, as it passed to the client
+    arrivals: list[tuple[float, int]] | None = None  # when each part of it came: (seconds, bytes so far)
     live: LiveStream | None = None  # the same, for waiters following it (when it may be shared)
 
 
@@ -450,8 +457,10 @@ class Cache:
             record.model = model
         directives = request_directives(header.get("cache-control"), header.get("pragma"))
         namespace = header.get(NAMESPACE_HEADER, "")
-        if NAMESPACE_HEADER in headers:
-            del headers[NAMESPACE_HEADER]  # a proxy control header, not for the upstream
+        paced = header.get(REPLAY_HEADER, "").strip().lower() == "paced"
+        for control in (NAMESPACE_HEADER, REPLAY_HEADER):
+            if control in headers:
+                del headers[control]  # a proxy control header, not for the upstream
         streamed = isinstance(document, dict) and document.get("stream") is True
         if generation:
             cached = cacheable(document, asked_max_age=directives.max_age is not None)
@@ -507,6 +516,7 @@ class Cache:
             streamed or "text/event-stream" in header.get("accept", ""),
             generation,
             free,
+            paced=paced and generation,
         )
 
         lookup = Lookup(missing=list(dict.fromkeys(keys)))
@@ -535,6 +545,8 @@ class Cache:
             lookup = sort(batch, keys, entries)
         if not lookup.missing:
             self._answer_from_store(asked, lookup)
+            if asked.paced and asked.streamed:
+                await self._replay_paced(asked, lookup)
             return
         if directives.only_if_cached:
             self._answer_not_cached(asked, lookup)
@@ -654,7 +666,31 @@ class Cache:
             return True
         return False  # not shareable with this request, or no answer in time: ask on its own
 
-    async def _follow(self, asked: Asked, live: LiveStream) -> None:
+    async def _replay_paced(self, asked: Asked, lookup: Lookup) -> None:
+        """A streamed hit the client asked to have paced: its events are written, through the live relay,
+        at the moments they came from the upstream (as recorded with the entry)."""
+        stored = lookup.found[asked.keys[0]].entry
+        response = asked.flow.response
+        timing = entry_header(stored, PACING_HEADER)
+        if response is None or timing is None or not _is_event_stream(response):
+            return  # stored before pacing was recorded, or not a stream: sent at once
+        content = response.raw_content or b""
+        live = LiveStream(response.status_code, response.reason.encode("latin-1"), response.headers.fields)
+        asked.flow.response = None
+
+        async def play() -> None:
+            started = time.monotonic()
+            for at, part in paced_parts(content, timing):
+                await asyncio.sleep(max(at - (time.monotonic() - started), 0.0))
+                live.append(part)
+            live.end(complete=True)
+
+        self._spawn(play(), name="forever paced replay")  # not a store write: `settled` does not wait
+        await self._follow(asked, live, decision=None)
+
+    async def _follow(
+        self, asked: Asked, live: LiveStream, decision: Decision | None = Decision.COALESCED
+    ) -> None:
         """Send this waiter's flow to the live relay, which writes the leader's stream as it grows
         (mitmproxy passes it on event by event); `responseheaders` puts the client's request back."""
         host, port = await self.relay.address()
@@ -667,7 +703,8 @@ class Cache:
             request.headers.pop(name, None)
         flow.request = request
         flow.server_conn = connection.Server(address=(host, port))  # no upstream proxy: it is in-process
-        self._decide(flow, Decision.COALESCED)
+        if decision is not None:
+            self._decide(flow, decision)
 
     # --- leading: mitmproxy forwards the request -----------------------------------------------
 
@@ -755,9 +792,11 @@ class Cache:
         following = flow.metadata.pop(_FOLLOWING, None)
         if following is not None:  # a waiter that followed a live stream: it saved what the leader did
             flow.request, live = following
-            tokens = completion_tokens(bytes(live.body), streamed=True) if live.complete else None
+            followed: CacheRecord = flow.metadata[RECORD]
+            shared = followed.decision is Decision.COALESCED and live.complete  # a paced hit counted already
+            tokens = completion_tokens(bytes(live.body), streamed=True) if shared else None
             if tokens is not None:
-                self._count_record(flow.metadata[RECORD], "completion_tokens_saved", tokens)
+                self._count_record(followed, "completion_tokens_saved", tokens)
             return
         named = response.headers.get(self.config.version_header)  # the version this answer names
         self._learn(flow, named)
@@ -899,6 +938,11 @@ class Cache:
             entries = [(free_key, dataclasses.replace(entry, headers=(*entry.headers, (ECHO_HEADER, "1"))))]
             self.flights.alias(lead.flight, [free_key])  # another id asking before it is stored waits
             rows[free_key] = fresh[0]
+        if lead.arrivals:  # a stream: when its parts came, for a paced replay
+            timing = (PACING_HEADER, pacing(lead.arrivals))
+            entries = [
+                (key, dataclasses.replace(entry, headers=(*entry.headers, timing))) for key, entry in entries
+            ]
         self.flights.publish(lead.flight, Outcome(rows=rows, context=shared), replace=lead.live is not None)
         self._spawn(self._store(lead, entries), name="store")
 
@@ -1237,6 +1281,8 @@ class Cache:
         response.headers["x-cache"] = decision.value
         response.headers["x-cache-key"] = asked.record.key_id
         recorded = lead.recorded = bytearray()
+        arrivals: list[tuple[float, int]] = []
+        lead.arrivals, started = arrivals, time.monotonic()
         shareable = asked.generation and not unstorable(
             response.status_code,
             response.headers.fields,
@@ -1258,7 +1304,9 @@ class Cache:
             self.flights.publish(lead.flight, Outcome(live=live))
 
         def record_chunk(chunk: bytes) -> bytes:
-            recorded.extend(chunk)
+            if chunk:
+                recorded.extend(chunk)
+                arrivals.append((time.monotonic() - started, len(recorded)))
             if live is not None:
                 live.append(chunk)
             return chunk

@@ -31,6 +31,11 @@ from typing import Any
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 SAVED_TOKENS_HEADER = "x-cache-saved-tokens"
+REPLAY_HEADER = (
+    "x-cache-replay"  # `paced`: replay a streamed hit at the pace it first came (removed upstream)
+)
+PACING_HEADER = "x-cache-stream-pacing"  # on a stored stream: when its parts came (never sent)
+MAX_PACED_PARTS = 4096
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _DONE = re.compile(rb"(?m)^data: \[DONE\]\s*$")
 
@@ -82,3 +87,45 @@ def completion_tokens(content: bytes, streamed: bool) -> int | None:
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             return int(usage["completion_tokens"])
     return None
+
+
+def pacing(arrivals: list[tuple[float, int]]) -> str:
+    """When a stream's parts came, as stored with it: `milliseconds:bytes so far`, comma-separated; at most
+    `MAX_PACED_PARTS` parts (a longer stream is paced in fewer, larger steps).
+
+    >>> pacing([(0.0004, 10), (0.25, 30), (0.5, 42)])
+    '0:10,250:30,500:42'
+    """
+    step = -(-len(arrivals) // MAX_PACED_PARTS)
+    kept = arrivals[step - 1 :: step]
+    if kept[-1] != arrivals[-1]:
+        kept.append(arrivals[-1])
+    return ",".join(f"{round(seconds * 1000)}:{size}" for seconds, size in kept)
+
+
+def paced_parts(content: bytes, timing: str) -> list[tuple[float, bytes]]:
+    """`content` cut where the stored `pacing` says, each part with the second it is due; the whole content
+    at once when the timing does not fit it.
+
+    >>> paced_parts(b"abcdef", "0:2,250:6")
+    [(0.0, b'ab'), (0.25, b'cdef')]
+    >>> paced_parts(b"abc", "garbled")
+    [(0.0, b'abc')]
+    """
+    parts: list[tuple[float, bytes]] = []
+    start = 0
+    try:
+        for item in timing.split(","):
+            milliseconds, _, size = item.partition(":")
+            end = int(size)
+            if end == start:
+                continue
+            if not start < end <= len(content):
+                raise ValueError(item)
+            parts.append((int(milliseconds) / 1000, content[start:end]))
+            start = end
+    except ValueError:
+        return [(0.0, content)]
+    if start < len(content):
+        parts.append((parts[-1][0] if parts else 0.0, content[start:]))
+    return parts

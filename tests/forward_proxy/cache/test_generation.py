@@ -298,3 +298,38 @@ def test_a_follower_of_a_stream_cut_short_sees_it_cut_and_nothing_is_stored(prox
         assert again.headers["X-Cache"] == "MISS" and trickling.calls == 2  # the cut stream was not stored
     finally:
         trickling.close()
+
+
+def test_a_streamed_hit_is_paced_like_the_original_when_the_client_asks(proxy: RunningProxy) -> None:
+    trickling = TricklingUpstream()  # its second part came a second after the first
+    body = {"model": "m", "messages": [{"role": "user", "content": "pace"}], "stream": True, "temperature": 0}
+    url = f"http://127.0.0.1:{trickling.port}{CHAT}"
+
+    def timed(headers: dict[str, str]) -> tuple[requests.Response, list[bytes], float, float]:
+        with proxy.session() as session:
+            started = time.monotonic()
+            answer = session.post(url, json=body, headers=headers, stream=True, timeout=30)
+            lines = answer.iter_lines()
+            first = next(line for line in lines if line)
+            first_after = time.monotonic() - started
+            rest = [line for line in lines if line]
+            return answer, [first, *rest], first_after, time.monotonic() - started
+
+    try:
+        miss, original, _, _ = timed({})
+        prompt, prompt_lines, _, prompt_total = timed({})
+        paced, paced_lines, paced_first, paced_total = timed({"X-Cache-Replay": "paced"})
+    finally:
+        trickling.close()
+    assert [miss.headers["X-Cache"], prompt.headers["X-Cache"], paced.headers["X-Cache"]] == [
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    assert trickling.calls == 1 and prompt_lines == paced_lines == original
+    assert prompt_total < 0.5, f"a hit took {prompt_total:.2f} s"
+    assert paced_first < 0.5 and paced_total >= 0.9, (
+        f"paced: first {paced_first:.2f} s, all {paced_total:.2f} s"
+    )
+    assert paced.headers["Content-Type"] == "text/event-stream"
+    assert "x-cache-stream-pacing" not in {name.lower() for name in paced.headers}
