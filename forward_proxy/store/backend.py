@@ -1,7 +1,7 @@
 """Which store a proxy, `forward-proxy stats` and `forward-proxy cache` use: one function, `open_backend`.
 
     cache_backend ""                      diskcache in the cache directory (the default, one host)
-    cache_backend "redis://host:6379/0"   Redis, shared by every proxy that names it (see `redis.py`)
+    cache_backend "redis://host:6379/0"   Redis, shared by every proxy that names it (see `redis/`)
 
 with the optional memory tier (`tier.py`) in front of either. The `Backend` it returns holds the entry and
 counter stores, the key secret every process on that backend shares, and, for Redis, the fleet-wide

@@ -7,7 +7,10 @@ import doctest
 import pytest
 
 from forward_proxy.store import backend, locks, redis, tier
+from forward_proxy.store.redis import connection as redis_connection
+from forward_proxy.store.redis import entries as redis_entries
 from forward_proxy.store.redis import is_redis_url, parse_redis_url
+from forward_proxy.store.redis import url as redis_url
 
 
 @pytest.mark.parametrize(
@@ -99,7 +102,7 @@ def test_a_password_never_shows_in_an_error() -> None:
     assert "hunter2" not in str(raised.value)
 
 
-@pytest.mark.parametrize("module", [redis, locks, tier, backend])
+@pytest.mark.parametrize("module", [redis, redis_url, redis_connection, redis_entries, locks, tier, backend])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
