@@ -543,6 +543,12 @@ class Cache:
                 asked.keys, asked.swap_id = [free_key], True  # another id's answer, this request's id
                 keys = asked.keys
             lookup = sort(batch, keys, entries)
+            newer = self.flights.answered(list(lookup.found))
+            if newer:  # answered again since it was stored (a refresh being written): the newer answer
+                for key in newer:
+                    del lookup.found[key]
+                asking = {*lookup.missing, *newer}
+                lookup.missing = [key for key in dict.fromkeys(keys) if key in asking]
         if not lookup.missing:
             self._answer_from_store(asked, lookup)
             if asked.paced and asked.streamed:
@@ -780,6 +786,8 @@ class Cache:
         flow = lead.asked.flow
         if flow.error is None and flow.metadata.get(_LEAD) is lead:
             lead.timed_out = True
+            if lead.recorded is None:  # waiters get the timeout now, not after mitmproxy saw the close
+                self.flights.publish(lead.flight, Outcome(failure=self._failure(lead.asked, "", True)))
             if not abort_upstream(flow):
                 self._settle(lead, Outcome())  # its waiters stop waiting for it at least
 

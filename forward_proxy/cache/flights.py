@@ -82,6 +82,16 @@ class InFlight:
             flight.waiters += 1
         return list(flights.values())
 
+    def answered(self, keys: Sequence[str]) -> list[str]:
+        """Of `keys`, those a flight has published an answer for that is not stored yet: newer than
+        whatever the store holds for them (a `no-cache` refresh being written, say)."""
+        newer = []
+        for key in keys:
+            flight = self._by_key.get(key)
+            if flight is not None and flight.published and key in flight._outcome.result().rows:
+                newer.append(key)
+        return newer
+
     def lead(self, keys: Sequence[str]) -> Flight:
         """A new flight for `keys`; keys already in flight stay with their leader."""
         flight = Flight(tuple(dict.fromkeys(keys)), asyncio.get_running_loop().create_future())
