@@ -10,6 +10,10 @@ what may run on the loop and what runs in a worker thread.
   need it (until redis-py's socket timeout), never the others.
 - a memory store (tests, a cache that could not be opened): on the loop.
 
+The worker threads are the store's own (`in_store_thread`), not the event loop's default executor: that
+one resolves names (the egress policy's and mitmproxy's own connects), so a hung Redis holding its few
+threads (5 or 6 on two cores) would stall every request to a named host, cached or not.
+
 >>> import asyncio
 >>> from forward_proxy.store.memory import MemoryStore
 >>> store = AsyncStore(MemoryStore(), kind="memory")
@@ -20,12 +24,40 @@ what may run on the loop and what runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextvars
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from forward_proxy.store.base import CacheStore, Entry
 
+R = TypeVar("R")
+
 _READS_ON_LOOP = frozenset({"disk", "memory"})
 _WRITES_ON_LOOP = frozenset({"memory"})
+# Every call in these threads ends within the store's own timeout (Redis: socket_timeout, one retry), so
+# they bound how many store calls wait at once, not how long.
+STORE_THREADS = 32
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _store_executor() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store-io")
+        return _executor
+
+
+async def in_store_thread(work: Callable[..., R], *args: Any) -> R:
+    """`work(*args)` in one of the store's own worker threads (with the caller's context variables, as
+    `asyncio.to_thread`), never in the loop's default executor."""
+    call = functools.partial(contextvars.copy_context().run, work, *args)
+    return await asyncio.get_running_loop().run_in_executor(_store_executor(), call)
 
 
 class AsyncStore:
@@ -44,7 +76,7 @@ class AsyncStore:
             get = self.store.get
             return {key: get(key) for key in dict.fromkeys(keys)}
 
-        return read() if self._reads_on_loop else await asyncio.to_thread(read)
+        return read() if self._reads_on_loop else await in_store_thread(read)
 
     async def set_many(self, items: Sequence[tuple[str, Entry, float]]) -> int:
         """Store (key, entry, expire seconds) items; how many entries were evicted to make room."""
@@ -52,4 +84,4 @@ class AsyncStore:
         def write() -> int:
             return sum(self.store.set(key, entry, expire) for key, entry, expire in items)
 
-        return write() if self._writes_on_loop else await asyncio.to_thread(write)
+        return write() if self._writes_on_loop else await in_store_thread(write)

@@ -16,7 +16,8 @@ computation it would then start asks Redis for the key's lease first:
   it has waited `wait` seconds in all, or when Redis fails (a Redis outage never holds a request up).
 
 Renewal and release are compare-and-set Lua scripts on the token, so a proxy only ever extends or removes
-its own lease. Redis calls run in worker threads: a slow Redis never blocks the proxy's event loop.
+its own lease. Redis calls run in the store's worker threads (`aio.in_store_thread`): a slow Redis never
+blocks the proxy's event loop, nor the threads that resolve names.
 
 >>> import asyncio
 >>> from forward_proxy.store.redis import RedisConnection, parse_redis_url
@@ -41,6 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from forward_proxy.store.aio import in_store_thread
 from forward_proxy.store.base import StoreError
 from forward_proxy.store.redis import RedisConnection
 
@@ -173,10 +175,10 @@ class FleetFlight(Generic[T]):
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, LONGEST_POLL)
             try:
-                value = await asyncio.to_thread(lookup)
+                value = await in_store_thread(lookup)
                 if value is not None:
                     return value, False
-                holder = await asyncio.to_thread(self.connection.run, "lease read failed", _getter(name))
+                holder = await in_store_thread(self.connection.run, "lease read failed", _getter(name))
             except StoreError:
                 return None, False
             if holder == NOT_SHARED:
@@ -184,7 +186,7 @@ class FleetFlight(Generic[T]):
             if holder is None:
                 # Released or lapsed: the answer may have landed just before the release; else lead anew.
                 try:
-                    value = await asyncio.to_thread(lookup)
+                    value = await in_store_thread(lookup)
                 except StoreError:
                     return None, False
                 return value, value is None
@@ -196,7 +198,7 @@ class FleetFlight(Generic[T]):
         def take(client: Any) -> bool:
             return bool(client.set(lease.name, lease.token, nx=True, px=milliseconds))
 
-        taken = await asyncio.to_thread(self.connection.run, "lease failed", take)
+        taken = await in_store_thread(self.connection.run, "lease failed", take)
         return lease if taken else None
 
     async def _renew_forever(self, lease: Lease) -> None:
@@ -204,7 +206,7 @@ class FleetFlight(Generic[T]):
         while True:
             await asyncio.sleep(self.lease / 3)
             try:
-                await asyncio.to_thread(
+                await in_store_thread(
                     self.connection.run,
                     "lease renewal failed",
                     lambda client: client.eval(_RENEW, 1, lease.name, lease.token, milliseconds),
@@ -219,7 +221,7 @@ class FleetFlight(Generic[T]):
             return client.eval(_RELEASE, 1, lease.name, lease.token, "1" if shared else "0", NOT_SHARED, mark)
 
         try:
-            await asyncio.to_thread(self.connection.run, "lease release failed", release)
+            await in_store_thread(self.connection.run, "lease release failed", release)
         except StoreError as exc:  # the lease lapses on its own within `lease` seconds
             logger.debug(f"{exc}")
 
