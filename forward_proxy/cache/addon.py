@@ -38,7 +38,13 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http.status_codes import RESPONSES
 
-from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonical_query
+from forward_proxy.cache.canonical import (
+    BodyTooLarge,
+    canonical_body,
+    canonical_json,
+    canonical_query,
+    drop_fields,
+)
 from forward_proxy.cache.checks import CheckFailed, Service, TlsTrust, ask
 from forward_proxy.cache.config import OPTIONS, CacheConfig
 from forward_proxy.cache.decide import (
@@ -89,6 +95,7 @@ from forward_proxy.cache.rows import (
     split_inference,
 )
 from forward_proxy.cache.rules import Rule, model_from_path
+from forward_proxy.cache.streams import converted, other_shapes, usage_requested
 from forward_proxy.cache.versions import Knowledge, VersionBook
 from forward_proxy.errors import error_response
 from forward_proxy.mitmseams import abort_upstream, answer_instead
@@ -525,7 +532,8 @@ class Cache:
             # answer in rows is stored whole).
             free_key = self._id_free_key(asked, parts.version)
             read = [*keys, whole_key] if asked.split else keys
-            entries = await self._read(asked, [*read, free_key] if free_key else read)
+            shapes = self._other_shape_keys(asked, document)
+            entries = await self._read(asked, [*read, *([free_key] if free_key else []), *shapes])
             whole = entries.get(whole_key) if asked.split else None
             if whole is not None and whole.model_version == parts.version:
                 asked.as_whole()
@@ -549,6 +557,8 @@ class Cache:
                     del lookup.found[key]
                 asking = {*lookup.missing, *newer}
                 lookup.missing = [key for key in dict.fromkeys(keys) if key in asking]
+            if lookup.missing and shapes:  # the same answer, stored in the other shape
+                lookup = self._converted(asked, document, shapes, entries, sort) or lookup
         if not lookup.missing:
             self._answer_from_store(asked, lookup)
             if asked.paced and asked.streamed:
@@ -581,6 +591,66 @@ class Cache:
             and bool(entry_header(entry, ECHO_HEADER))
             and not sort(batch, [key], {key: entry}).missing
         )
+
+    def _other_shape_keys(self, asked: Asked, document: Any) -> list[str]:
+        """A completion's keys in the other shape (streamed or whole): their stored answers may be
+        converted into this request's (`streams`)."""
+        if not asked.generation or not isinstance(document, dict) or self.config is None:
+            return []
+        ignored = self.config.ignore_fields
+        return [
+            cache_key(
+                dataclasses.replace(asked.parts, body=b"json:" + canonical_json(drop_fields(shape, ignored))),
+                self._secret,
+            )
+            for shape in other_shapes(document)
+        ]
+
+    def _converted(
+        self,
+        asked: Asked,
+        document: dict[str, Any],
+        keys: list[str],
+        entries: dict[str, Entry | None],
+        sort: Any,
+    ) -> Lookup | None:
+        """A hit made from a fresh answer of the other shape (stored, or answered and being stored),
+        converted into this request's shape; None when none converts faithfully (`streams.converted`)."""
+        streamed = document.get("stream") is True
+        for key in keys:
+            published = self.flights.answer(key)
+            entry = entries.get(key)
+            if published is not None and isinstance(published.context, _Shared):
+                shared = published.context
+                entry = self._entry(asked, shared, published.rows[key], shared.row_seconds, shared.version)
+            if entry is None:
+                continue
+            header = {name.lower(): value for name, value in entry.headers}
+            if header.get("content-encoding", "identity").strip().lower() != "identity":
+                continue
+            content = converted(
+                entry.content,
+                header.get("content-type", ""),
+                chat=asked.parts.path.endswith("/chat/completions"),
+                streamed=streamed,
+                include_usage=usage_requested(document),
+            )
+            if content is None:
+                continue
+            media = "text/event-stream; charset=utf-8" if streamed else "application/json"
+            headers = tuple(
+                (name, media if name.lower() == "content-type" else value)
+                for name, value in entry.headers
+                if name.lower() != PACING_HEADER  # the pace of the other shape's bytes
+            )
+            lookup: Lookup = sort(
+                asked.batch,
+                asked.keys,
+                {asked.keys[0]: dataclasses.replace(entry, content=content, headers=headers)},
+            )
+            if not lookup.missing:
+                return lookup
+        return None
 
     def _id_free_key(self, asked: Asked, version: str | None) -> str | None:
         """Where a KServe answer that only echoes the request's id is stored (`requestids`)."""

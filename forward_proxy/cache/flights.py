@@ -85,12 +85,15 @@ class InFlight:
     def answered(self, keys: Sequence[str]) -> list[str]:
         """Of `keys`, those a flight has published an answer for that is not stored yet: newer than
         whatever the store holds for them (a `no-cache` refresh being written, say)."""
-        newer = []
-        for key in keys:
-            flight = self._by_key.get(key)
-            if flight is not None and flight.published and key in flight._outcome.result().rows:
-                newer.append(key)
-        return newer
+        return [key for key in keys if self.answer(key) is not None]
+
+    def answer(self, key: str) -> Outcome | None:
+        """The published outcome that holds an answer for `key` not stored yet, if any."""
+        flight = self._by_key.get(key)
+        if flight is None or not flight.published:
+            return None
+        outcome = flight._outcome.result()
+        return outcome if key in outcome.rows else None
 
     def lead(self, keys: Sequence[str]) -> Flight:
         """A new flight for `keys`; keys already in flight stay with their leader."""

@@ -160,3 +160,30 @@ def test_a_sampled_chat_completion_passes_the_cache_by(client: openai.OpenAI) ->
         assert raw.parse().choices[0].message.content
         decisions.append(raw.headers.get("X-Cache"))
     assert decisions == ["BYPASS", "BYPASS"]
+
+
+def test_a_whole_answer_and_a_stream_of_the_same_question_answer_each_other(client: openai.OpenAI) -> None:
+    """A greedy stream (with usage) is generated once; the same question unstreamed is a HIT made from it,
+    and a streamed request for a question first asked whole is a HIT made from the whole answer."""
+    question = "Why do teams cache model answers? One sentence."
+    streamed = stream_once(client, question)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask(question), temperature=0, max_tokens=MAX_TOKENS
+    )
+    whole = raw.parse()
+    assert (streamed.x_cache, raw.headers.get("X-Cache")) == ("MISS", "HIT")
+    assert whole.choices[0].message.content == streamed.text and streamed.text
+    assert [whole.choices[0].finish_reason] == streamed.finish_reasons
+    assert whole.usage is not None and whole.usage.completion_tokens == streamed.completion_tokens
+    assert raw.headers.get("X-Cache-Saved-Tokens") == str(streamed.completion_tokens)
+
+    other = "What is a reverse proxy? One sentence."
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ask(other), temperature=0, max_tokens=MAX_TOKENS
+    )
+    answer = first.parse()
+    replayed = stream_once(client, other)
+    assert (first.headers.get("X-Cache"), replayed.x_cache) == ("MISS", "HIT")
+    assert replayed.text == answer.choices[0].message.content
+    assert replayed.finish_reasons == [answer.choices[0].finish_reason]
+    assert answer.usage is not None and replayed.completion_tokens == answer.usage.completion_tokens

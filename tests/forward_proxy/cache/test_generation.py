@@ -132,9 +132,61 @@ def test_a_streamed_hit_arrives_as_the_original_events_ending_in_done(
     assert len(events) >= len(WORDS) and events[-1] == "[DONE]"
     assert second.content == first.content and text == "".join(WORDS) + " (call 1)"
     assert upstream.calls(CHAT) == 1
+
+
+def without_usage(received: Received) -> bytes:
+    """A stream as OpenAI sends it when the request did not ask for usage: no usage chunk."""
+    return b"".join(
+        event + b"\n\n" for event in chat_answer(received).split(b"\n\n") if event and b'"usage"' not in event
+    )
+
+
+def test_a_whole_answer_answers_the_same_request_streamed(proxy: RunningProxy, upstream: Upstream) -> None:
+    whole = ask(proxy, upstream, temperature=0)
+    with_usage = ask(proxy, upstream, temperature=0, stream=True, stream_options={"include_usage": True})
+    plain_stream = ask(proxy, upstream, temperature=0, stream=True)
+    assert [a.headers["X-Cache"] for a in (whole, with_usage, plain_stream)] == ["MISS", "HIT", "HIT"]
+    assert upstream.calls(CHAT) == 1
+    content = whole.json()["choices"][0]["message"]["content"]
+    for streamed in (with_usage, plain_stream):
+        assert streamed.headers["Content-Type"].startswith("text/event-stream")
+        events, text = streamed_texts(streamed)
+        assert text == content and events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert {chunk["id"] for chunk in chunks} == {whole.json()["id"]}
+        assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == [
+            "stop"
+        ]
+    assert with_usage.headers["X-Cache-Saved-Tokens"] == str(len(WORDS) + 1)  # from the usage it carries
+    assert json.loads(streamed_texts(with_usage)[0][-2])["usage"] == whole.json()["usage"]
+    assert all("usage" not in json.loads(event) for event in streamed_texts(plain_stream)[0][:-1])
+
+
+def test_a_stream_with_usage_answers_the_same_request_unstreamed(
+    proxy: RunningProxy, upstream: Upstream
+) -> None:
+    upstream.reply(CHAT, Reply(body=chat_answer, content_type="text/event-stream"))
+    streamed = ask(proxy, upstream, temperature=0, stream=True, stream_options={"include_usage": True})
+    whole = ask(proxy, upstream, temperature=0)
+    assert (streamed.headers["X-Cache"], whole.headers["X-Cache"]) == ("MISS", "HIT")
+    assert whole.headers["Content-Type"] == "application/json" and upstream.calls(CHAT) == 1
+    answer = whole.json()
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"] == streamed_texts(streamed)[1]
+    assert answer["usage"] == json.loads(streamed_texts(streamed)[0][-2])["usage"]
+
+
+def test_a_stream_without_usage_does_not_answer_an_unstreamed_request(
+    proxy: RunningProxy, upstream: Upstream
+) -> None:
+    """A whole answer always carries usage; a stream without it cannot be turned into one honestly."""
+    upstream.reply(CHAT, Reply(body=without_usage, content_type="text/event-stream"))
+    streamed = ask(proxy, upstream, temperature=0, stream=True)
+    assert streamed.headers["X-Cache"] == "MISS" and streamed_texts(streamed)[0][-1] == "[DONE]"
     upstream.reply(CHAT, Reply(body=chat_answer))
-    plain = ask(proxy, upstream, temperature=0)  # another request (stream is in the key): its own answer
-    assert plain.headers["X-Cache"] == "MISS"
+    whole = ask(proxy, upstream, temperature=0)
+    assert whole.headers["X-Cache"] == "MISS" and upstream.calls(CHAT) == 2
+    assert whole.json()["choices"][0]["message"]["content"].endswith("(call 2)")
 
 
 def test_a_stream_cut_mid_way_is_not_stored(proxy: RunningProxy, upstream: Upstream) -> None:
