@@ -287,7 +287,11 @@ def test_stream_to_answer_to_stream_keeps_content_finish_reason_and_usage() -> N
         return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
 
     def finish(chunks: list[Any]) -> list[str]:
-        return [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        return [
+            c["choices"][0]["finish_reason"]
+            for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"]
+        ]
 
     assert content(again) == content(original) == "A forward proxy café\n"
     assert finish(again) == finish(original) == ["length"]
@@ -300,8 +304,14 @@ def test_stream_to_answer_to_stream_keeps_content_finish_reason_and_usage() -> N
     finish_reason=st.sampled_from(["stop", "length", "content_filter"]),
     completion_tokens=st.integers(0, 4096),
 )
-def test_any_text_survives_both_round_trips(pieces: list[str], finish_reason: str, completion_tokens: int) -> None:
-    usage = {"prompt_tokens": 7, "completion_tokens": completion_tokens, "total_tokens": 7 + completion_tokens}
+def test_any_text_survives_both_round_trips(
+    pieces: list[str], finish_reason: str, completion_tokens: int
+) -> None:
+    usage = {
+        "prompt_tokens": 7,
+        "completion_tokens": completion_tokens,
+        "total_tokens": 7 + completion_tokens,
+    }
     answer = stream_to_answer(chat_stream(pieces, finish_reason, usage), chat=True)
     assert answer is not None
     choice = json.loads(answer)["choices"][0]
@@ -312,7 +322,9 @@ def test_any_text_survives_both_round_trips(pieces: list[str], finish_reason: st
     assert stream is not None
     events_of(stream)
     assert stream_to_answer(stream, chat=True) == answer
-    assert stream_to_answer(answer_to_stream(answer, chat=True, include_usage=False) or b"", chat=True) is None
+    assert (
+        stream_to_answer(answer_to_stream(answer, chat=True, include_usage=False) or b"", chat=True) is None
+    )
 
 
 # What the stream reader accepts of the SSE format
@@ -380,7 +392,9 @@ TOOL_CALL = [{"index": 0, "id": "call_1", "type": "function", "function": {"name
 LOGPROBS = {"content": [{"token": "A", "logprob": -0.1, "bytes": [65], "top_logprobs": []}], "refusal": None}
 
 UNCONVERTIBLE_STREAMS = {
-    "no usage chunk (include_usage was not asked)": lambda s: s.replace(f'data: {{{HEAD},"choices":[],"usage":{USAGE}}}\n\n'.encode(), b""),
+    "no usage chunk (include_usage was not asked)": lambda s: s.replace(
+        f'data: {{{HEAD},"choices":[],"usage":{USAGE}}}\n\n'.encode(), b""
+    ),
     "usage before the end": lambda s: change_event(s, 1, lambda c: c.update(usage=json.loads(USAGE))),
     "usage not an object": in_chunk(6, usage=35),
     "two choices in one chunk": second_choice,
@@ -409,7 +423,9 @@ UNCONVERTIBLE_STREAMS = {
     "[DONE] in the middle": lambda s: s.replace(b"\n\n", b"\n\ndata: [DONE]\n\n", 1),
     "an unparsable event": lambda s: s.replace(b'{"content":"A"}', b'{"content":"A"'),
     "an event that is a JSON array": lambda s: s.replace(b"data: [DONE]", b"data: []\n\ndata: [DONE]"),
-    "an error event": lambda s: s.replace(b"data: [DONE]", b'data: {"error":{"message":"boom"}}\n\ndata: [DONE]'),
+    "an error event": lambda s: s.replace(
+        b"data: [DONE]", b'data: {"error":{"message":"boom"}}\n\ndata: [DONE]'
+    ),
     "a named event": lambda s: s.replace(b"data: {", b"event: delta\ndata: {", 1),
     "bytes that are not UTF-8": lambda s: s.replace(b"proxy", b"pro\xffxy"),
     "nothing": lambda s: b"",
@@ -478,7 +494,16 @@ def test_an_answer_that_cannot_be_converted_faithfully_gives_none(spoil: Any) ->
 
 
 @pytest.mark.parametrize(
-    "body", [b"", b"not json", b"[]", b'"text"', b"{", b"\xff", b'{"error":{"message":"boom","type":"server_error"}}']
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'"text"',
+        b"{",
+        b"\xff",
+        b'{"error":{"message":"boom","type":"server_error"}}',
+    ],
 )
 def test_a_body_that_is_not_a_json_object_gives_none(body: bytes) -> None:
     assert answer_to_stream(body, chat=True, include_usage=False) is None
