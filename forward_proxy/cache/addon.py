@@ -233,10 +233,16 @@ def _service_of(flow: http.HTTPFlow) -> Service:
     (or, before it connected, the address the egress policy pinned the flow to), with the flow's `Host`
     and the name it asked for as the TLS server name."""
     request = flow.request
-    peer = flow.server_conn.peername
-    address = (peer[0], peer[1]) if peer is not None else (request.host, request.port)
     host_header = request.headers.get("host") or request.host
     server_name = flow.server_conn.sni or host_header.rsplit(":", 1)[0].strip("[]")
+    via = flow.server_conn.via
+    if via is not None:  # upstream mode: asked through the upstream proxy, which resolves the name
+        origin = (request.host, request.port)
+        return Service(
+            request.scheme, origin, host_header, server_name, via=via[1], via_tls=via[0] == "https"
+        )
+    peer = flow.server_conn.peername
+    address = (peer[0], peer[1]) if peer is not None else (request.host, request.port)
     return Service(request.scheme, address, host_header, server_name)
 
 
@@ -1396,7 +1402,8 @@ class Cache:
     def _learn(self, flow: http.HTTPFlow, version: str | None) -> None:
         """Every answer mitmproxy forwarded teaches the service's address and current version."""
         assert self.config is not None
-        if flow.server_conn.peername is None or flow.server_conn.timestamp_start is None:
+        server = flow.server_conn
+        if server.timestamp_start is None or (server.peername is None and server.via is None):
             return  # answered by an addon (a hit), not by the upstream
         service = _service_name(flow.request)
         self.services[service] = _service_of(flow)
