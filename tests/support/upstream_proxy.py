@@ -3,7 +3,8 @@
 What `forward-proxy run --mode upstream:http://127.0.0.1:PORT` talks to in a test: it takes absolute-form
 requests (`POST http://host:port/path HTTP/1.1`), forwards each to its origin with Python's `http.client`
 and relays the answer, every header line as the origin sent it. Like Squid or mitmproxy in regular mode it
-refuses a request that is not in absolute form (400), since it would not know where to send it. It
+refuses a request that is not in absolute form (400), since it would not know where to send it. `CONNECT
+host:port` opens a tunnel (recorded as a `CONNECT` with that target), as for an https origin. It
 resolves names itself, with the machine's resolver, or as its own hosts file (`hosts`) says.
 
     with UpstreamProxy() as via:
@@ -14,7 +15,9 @@ resolves names itself, with the machine's resolver, or as its own hosts file (`h
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,6 +101,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+    def do_CONNECT(self) -> None:
+        """A tunnel to `host:port` (the name mapped by `hosts`), bytes relayed both ways until either
+        side closes."""
+        host, _, port = self.path.rpartition(":")
+        address = self.server.recorder.hosts.get(host.lower(), host).strip("[]")
+        try:
+            origin = socket.create_connection((address, int(port)), timeout=30)
+        except (OSError, ValueError) as exc:
+            self._answer(502, [("Content-Type", "text/plain")], f"cannot reach {self.path}: {exc}\n".encode())
+            return
+        self.server.recorder._record(Forwarded("CONNECT", self.path, 200))
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pipe, args=(origin, self.connection), daemon=True)
+        back.start()
+        pipe(self.connection, origin)
+        back.join(timeout=30)
+        origin.close()
 
 
 class _Server(ThreadingHTTPServer):

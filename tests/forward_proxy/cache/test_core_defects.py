@@ -5,6 +5,7 @@ answer was cached; a hung Redis stalled requests that never touch the store."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from forward_proxy.cache.checks import Service, TlsTrust, ask
 from tests.support.nameserver import Nameserver, resolving_through
 from tests.support.proxy import start_proxy
 from tests.support.redis_server import RedisServer, redis_available
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, self_signed_certificate
 from tests.support.upstream_proxy import UpstreamProxy
 
 pytestmark = pytest.mark.integration
@@ -146,3 +148,34 @@ def test_a_hung_redis_does_not_slow_requests_that_do_not_need_it(tmp_path: Path,
     assert len(cached) >= clients and {status for _, status in cached} == {200}
     assert max(seconds for seconds, _ in cached) < 2.0, sorted(cached)
     assert after.headers["X-Cache"] == "HIT"  # Redis back: the entry stored before it hung is served
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_the_cache_asks_its_own_questions_through_the_upstream_proxy(tmp_path: Path, scheme: str) -> None:
+    """`checks.ask` in upstream mode: an http service is asked in absolute form, an https one through a
+    CONNECT tunnel with TLS to the service inside it (its private CA trusted, as mitmproxy's option says);
+    the proxy is told the name, and resolves it itself."""
+    certificate = self_signed_certificate(tmp_path, names=("model.test",)) if scheme == "https" else None
+    with (
+        Upstream(model_version="v7", certificate=certificate) as service,
+        UpstreamProxy(hosts={"model.test": "127.0.0.1"}) as via,
+    ):
+        where = Service(
+            scheme,
+            ("model.test", service.port),
+            f"model.test:{service.port}",
+            "model.test",
+            via=(via.host, via.port),
+        )
+        trust = TlsTrust(trusted_ca=str(certificate or ""))
+        answer = asyncio.run(ask(where, VERSION_CHECK[1], [("Accept", "application/json")], 10, trust))
+    assert answer.status == 200 and answer.header("X-Model-Version") == "v7"
+    assert service.calls(VERSION_CHECK[1]) == 1
+    target = (
+        f"model.test:{service.port}"
+        if scheme == "https"
+        else f"http://model.test:{service.port}/v2/health/live"
+    )
+    method = "CONNECT" if scheme == "https" else "GET"
+    assert [(r.method, r.target) for r in via.received()] == [(method, target)]
+    assert service.received(VERSION_CHECK[1])[0].header("host") == f"model.test:{service.port}"
