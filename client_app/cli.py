@@ -317,6 +317,12 @@ def _print_load_report(report: dict[str, Any], args: argparse.Namespace) -> None
         )
     mix = report["x_cache"]
     print("X-Cache: " + ("  ".join(f"{name} {count}" for name, count in mix.items()) or "-"))
+    by_cache = report["latency_ms_by_cache"]
+    if by_cache:
+        print(
+            "latency ms by X-Cache: "
+            + "  ".join(f"{name} p50 {q['p50']:.1f} p90 {q['p90']:.1f}" for name, q in by_cache.items())
+        )
 
 
 # -- argument parsing ---------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ def test_the_demo_misses_cold_hits_warm_prints_statistics_and_stops_its_servers(
     assert chat_answer(chat_warm) == chat_answer(chat_cold) != ""
     assert chat_chunks(chat_warm) == chat_chunks(chat_cold) > 1  # replayed as the stream it was
 
+    load = demo.section("a bounded load")
+    assert re.search(r"^latency ms by X-Cache: .*HIT p50 \d+\.\d p90 \d+\.\d", load, re.M), load
+
     statistics = demo.section("cache statistics")
     assert re.search(r"^\s+hit ratio\s+\d+(\.\d+)?%$", statistics, re.M), statistics
     assert "HIT RATIO" in statistics  # the per-route table

@@ -176,6 +176,8 @@ def test_load_counts_add_up_and_repeats_hit_the_cache(api: FakeModelApi, proxy: 
     assert report["x_cache"] == {"MISS": 30, "HIT": 10}
     assert len(api.requests) == 30 and all(len(r.body["input"]) == 3 for r in api.requests)
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p90"] <= report["latency_ms"]["p99"]
+    assert set(report["latency_ms_by_cache"]) == {"MISS", "HIT"}
+    assert all(q["p50"] <= q["p90"] for q in report["latency_ms_by_cache"].values())
     assert abs(report["rows_per_s"] - report["throughput_rps"] * 3) < 0.1
     # Same seed again: every request repeats one of the first run's.
     again = json.loads(client_app(*args, "--batch", "3", "--json", "--seed", "s1", env=env).stdout)

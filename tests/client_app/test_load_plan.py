@@ -133,3 +133,8 @@ def test_summary_counts() -> None:
     assert report["x_cache"] == {"MISS": 2, "HIT": 1, "none": 1}
     assert report["errors"] == [{"message": "refused", "count": 1}]
     assert report["latency_ms"]["p50"] == 15.0 and report["latency_ms"]["max"] == 30.0
+    assert report["latency_ms_by_cache"] == {
+        "MISS": {"p50": 15.0, "p90": 19.0},
+        "HIT": {"p50": 1.0, "p90": 1.0},
+        "none": {"p50": 30.0, "p90": 30.0},
+    }
