@@ -146,7 +146,8 @@ def test_a_hung_redis_does_not_slow_requests_that_do_not_need_it(tmp_path: Path,
     assert named and {status for _, status in named} == {200}
     assert max(seconds for seconds, _ in named) < 1.0, named  # a few milliseconds when Redis is well
     assert len(cached) >= clients and {status for _, status in cached} == {200}
-    assert max(seconds for seconds, _ in cached) < 2.0, sorted(cached)
+    # Each waits out its store calls (about 1 s; 2 s seen on a loaded machine), never Redis itself.
+    assert max(seconds for seconds, _ in cached) < 5.0, sorted(cached)
     assert after.headers["X-Cache"] == "HIT"  # Redis back: the entry stored before it hung is served
 
 
