@@ -157,6 +157,7 @@ class Asked:
     id_free: tuple[bytes, str] | None = None  # KServe: the body keyed without its `id`, and the id
     swap_id: bool = False  # answered from an id-free entry: the asker's id is written in
     paced: bool = False  # a streamed hit is replayed at the pace the original arrived at
+    generated_tokens: int | None = None  # converted from the other shape: the tokens its usage counted
 
     def as_whole(self) -> None:
         """From now on the request is one row: its upstream answers in a shape the cache cannot split."""
@@ -655,6 +656,7 @@ class Cache:
                 {asked.keys[0]: dataclasses.replace(entry, content=content, headers=headers)},
             )
             if not lookup.missing:
+                asked.generated_tokens = completion_tokens(entry.content, streamed=not streamed)
                 return lookup
         return None
 
@@ -1210,6 +1212,8 @@ class Cache:
                 fields.append((INPUT_TOKENS_HEADER.lower().encode(), counts.encode()))
         if asked.generation and decision in (Decision.HIT, Decision.STALE, Decision.COALESCED):
             tokens = completion_tokens(content, asked.streamed)  # what the model did not generate again
+            if tokens is None:  # a stream without usage made from a whole answer, which had it
+                tokens = asked.generated_tokens
             if tokens is not None:
                 fields.append((SAVED_TOKENS_HEADER.encode(), str(tokens).encode()))
                 self._count(asked, "completion_tokens_saved", tokens)

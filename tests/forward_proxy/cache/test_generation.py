@@ -157,7 +157,7 @@ def test_a_whole_answer_answers_the_same_request_streamed(proxy: RunningProxy, u
         assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == [
             "stop"
         ]
-    assert with_usage.headers["X-Cache-Saved-Tokens"] == str(len(WORDS) + 1)  # from the usage it carries
+        assert streamed.headers["X-Cache-Saved-Tokens"] == str(len(WORDS) + 1)  # the whole answer's usage
     assert json.loads(streamed_texts(with_usage)[0][-2])["usage"] == whole.json()["usage"]
     assert all("usage" not in json.loads(event) for event in streamed_texts(plain_stream)[0][:-1])
 
