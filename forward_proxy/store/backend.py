@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,10 @@ class PurgeNotifying:
 
     def set(self, key: str, entry: Entry, expire_seconds: float) -> int:
         return self.store.set(key, entry, expire_seconds)
+
+    def set_many_now(self, items: Sequence[tuple[str, Entry, float]]) -> bool:
+        write_now = getattr(self.store, "set_many_now", None)
+        return bool(write_now(items)) if write_now is not None else False
 
     def delete(self, key: str) -> bool:
         removed = self.store.delete(key)

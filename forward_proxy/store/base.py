@@ -43,7 +43,8 @@ class Volume(NamedTuple):
 class CacheStore(Protocol):
     """Stored responses by key. A backend may also have `flush() -> int`, which the cache addon calls
     every second off the event loop to write buffered bookkeeping and evict (it returns the number of
-    entries removed); see `DiskStore.flush`."""
+    entries removed), and `set_many_now(items) -> bool`, a write in one step that never waits (False,
+    having stored nothing, where it would have to), for the event loop; see `DiskStore`."""
 
     def get(self, key: str) -> Entry | None:
         """The entry under `key`, or None; counts as a use for least-recently-used eviction."""

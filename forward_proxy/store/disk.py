@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from forward_proxy.store.base import Entry, StoreError, Volume
 
 T = TypeVar("T")
 _STARTED_AT = "meta:started_at"
+AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: a commit that grows the log past this checkpoints it
 
 
 def _guarded(what: str, call: Callable[[], T]) -> T:
@@ -79,6 +80,10 @@ class DiskStore:
     (the cache addon calls it every second, off the event loop) writes the batched access times, then
     removes expired entries and evicts the least recently used beyond the size limit. So the cache may
     exceed its limit for up to a second, and the eviction order is at most a second old.
+
+    `set_many_now` is the write for the event loop: every item in one transaction when the database's
+    write lock is free at once, never waiting for it (another process may hold it) and never
+    checkpointing the write-ahead log there (`flush` checkpoints, off the loop).
     """
 
     def __init__(self, directory: Path, size_limit: int | None = None) -> None:
@@ -87,6 +92,9 @@ class DiskStore:
             settings["size_limit"] = size_limit
         self.directory = directory
         self._cache = _open_cache(directory, **settings)
+        # `set_many_now`'s own: a read on the same connection as the writes would trust what that
+        # connection cached, and stop noticing a database file damaged under it.
+        self._writer = _open_cache(directory, **settings)
         self._touched: dict[str, float] = {}
         self._touched_lock = threading.Lock()
 
@@ -123,13 +131,39 @@ class DiskStore:
         )
         return 0
 
+    def set_many_now(self, items: Sequence[tuple[str, Entry, float]]) -> bool:
+        """Store every (key, entry, expire seconds) item in one transaction, if the write lock can be
+        taken without waiting; False, having stored nothing, when another connection holds it (`set`
+        waits for it). Evicts nothing, like `set`."""
+
+        def write() -> bool:
+            cache = self._writer
+            connection = cache._con  # this thread's; its usual settings are back once the write is done
+            connection.execute("PRAGMA busy_timeout = 0")
+            connection.execute("PRAGMA wal_autocheckpoint = 0")  # no fsync here: `flush` checkpoints
+            try:
+                with cache.transact():
+                    for key, entry, expire_seconds in items:
+                        cache.set(key, entry, expire=expire_seconds, tag=checksum(entry))
+            except diskcache.Timeout:
+                return False
+            finally:
+                connection.execute(f"PRAGMA busy_timeout = {round(cache.timeout * 1000)}")
+                connection.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
+            return True
+
+        return _guarded("cache write failed", write)
+
     def flush(self) -> int:
-        """Write the access times read since the last flush, then remove expired entries and evict the
-        least recently used beyond the size limit; returns how many entries were removed."""
+        """Write the access times read since the last flush, remove expired entries and evict the least
+        recently used beyond the size limit, then checkpoint the write-ahead log (what `set_many_now`
+        leaves to it); returns how many entries were removed."""
 
         def write_and_cull() -> int:
             self._write_access_times()
-            return int(self._cache.cull())
+            removed = int(self._cache.cull())
+            self._cache._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            return removed
 
         return _guarded("cache flush failed", write_and_cull)
 
@@ -166,6 +200,8 @@ class DiskStore:
             self._write_access_times()
         with contextlib.suppress(Exception):
             self._cache.close()
+        with contextlib.suppress(Exception):
+            self._writer.close()
 
 
 class DiskCounterStore:

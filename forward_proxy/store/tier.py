@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from forward_proxy.store.base import CacheStore, Entry, StoreError, Volume
 from forward_proxy.store.memory import MemoryStore
@@ -74,6 +74,18 @@ class MemoryTier:
         evicted = self.backend.set(key, entry, expire_seconds)
         self._remember(key, entry, min(self.ttl, expire_seconds), seen)
         return evicted
+
+    def set_many_now(self, items: Sequence[tuple[str, Entry, float]]) -> bool:
+        """The backend's `set_many_now` (False where it has none), remembered here when it stored."""
+        write_now = getattr(self.backend, "set_many_now", None)
+        if write_now is None:
+            return False
+        seen = self._current_generation()
+        if not write_now(items):
+            return False
+        for key, entry, expire_seconds in items:
+            self._remember(key, entry, min(self.ttl, expire_seconds), seen)
+        return True
 
     def delete(self, key: str) -> bool:
         self._memory.delete(key)
