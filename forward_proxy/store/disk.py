@@ -34,7 +34,6 @@ from forward_proxy.store.base import Entry, StoreError, Volume
 
 T = TypeVar("T")
 _STARTED_AT = "meta:started_at"
-AUTOCHECKPOINT_PAGES = 1000  # SQLite's default: a commit that grows the log past this checkpoints it
 
 
 def _guarded(what: str, call: Callable[[], T]) -> T:
@@ -95,6 +94,7 @@ class DiskStore:
         # `set_many_now`'s own: a read on the same connection as the writes would trust what that
         # connection cached, and stop noticing a database file damaged under it.
         self._writer = _open_cache(directory, **settings)
+        self._writer_connection: Any = None  # the one whose lock and checkpoint settings are set
         self._touched: dict[str, float] = {}
         self._touched_lock = threading.Lock()
 
@@ -138,18 +138,17 @@ class DiskStore:
 
         def write() -> bool:
             cache = self._writer
-            connection = cache._con  # this thread's; its usual settings are back once the write is done
-            connection.execute("PRAGMA busy_timeout = 0")
-            connection.execute("PRAGMA wal_autocheckpoint = 0")  # no fsync here: `flush` checkpoints
+            connection = cache._con  # this thread's connection of the writer's own cache
+            if connection is not self._writer_connection:  # used by nothing else: set once
+                connection.execute("PRAGMA busy_timeout = 0")
+                connection.execute("PRAGMA wal_autocheckpoint = 0")  # no fsync here: `flush` checkpoints
+                self._writer_connection = connection
             try:
                 with cache.transact():
                     for key, entry, expire_seconds in items:
                         cache.set(key, entry, expire=expire_seconds, tag=checksum(entry))
             except diskcache.Timeout:
                 return False
-            finally:
-                connection.execute(f"PRAGMA busy_timeout = {round(cache.timeout * 1000)}")
-                connection.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
             return True
 
         return _guarded("cache write failed", write)

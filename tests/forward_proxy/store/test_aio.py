@@ -93,6 +93,6 @@ def test_disk_writes_on_the_loop_never_wait_for_another_connections_lock(tmp_pat
     assert entries.get("a") is None
     assert entries.set_many_now([("a", first, 60), ("b", second, 60)]) is True
     assert (entries.get("a"), entries.get("b")) == (first, second)
-    # Every other call on that connection waits for the lock again, as diskcache set it up.
-    assert entries._writer._con.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
+    # The connections of every other call wait for the lock, as diskcache sets them up.
+    assert entries._cache._con.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
     entries.close()
