@@ -83,6 +83,7 @@ class AsyncStore:
         self._writes_on_loop = kind in _WRITES_ON_LOOP
         self._write_now = getattr(store, "set_many_now", None) if kind in _WRITES_NOW else None
         self._batch: list[tuple[Items, asyncio.Future[bool]]] = []
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
         self._batch_bytes = 0
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Entry | None]:
@@ -116,7 +117,10 @@ class AsyncStore:
         """Whether `items` were stored by the next write on the loop (False: it would have had to wait for
         the write lock)."""
         loop = asyncio.get_running_loop()
+        if self._batch and self._batch_loop is not loop:  # left by a loop that stopped before writing it
+            self._batch, self._batch_bytes = [], 0
         if not self._batch:
+            self._batch_loop = loop
             loop.call_soon(self._write_batch_after, WRITE_TURNS)
         stored: asyncio.Future[bool] = loop.create_future()
         self._batch.append((items, stored))

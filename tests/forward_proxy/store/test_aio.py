@@ -57,6 +57,22 @@ def test_writes_asked_together_are_one_write_on_the_loop_after_a_few_iterations(
     assert store.get("b") is not None
 
 
+def test_a_write_left_by_a_loop_that_stopped_does_not_hold_up_the_next_loop() -> None:
+    store = RecordingStore()
+    aio = AsyncStore(store, kind="disk")
+
+    async def leave_one() -> None:
+        asked = asyncio.ensure_future(aio.set_many([("a", make_entry(), 60)]))
+        await asyncio.sleep(0)  # asked, not yet written: the loop stops here
+        assert not asked.done()
+
+    stopped = asyncio.new_event_loop()
+    stopped.run_until_complete(leave_one())
+    stopped.close()
+    asyncio.run(asyncio.wait_for(aio.set_many([("b", make_entry(), 60)]), 5))
+    assert store.get("b") is not None
+
+
 def test_a_write_that_would_wait_for_the_lock_goes_to_a_worker_thread() -> None:
     store = RecordingStore(locked=True)
 
