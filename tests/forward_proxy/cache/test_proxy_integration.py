@@ -348,7 +348,12 @@ def test_a_full_disk_keeps_requests_working(tmp_path: Path, upstream: Upstream) 
     # Files may not grow beyond 256 KiB: every answer of 400 kB fails to be written, as on a full disk.
     with start_proxy(tmp_path, wrapper=("prlimit", f"--fsize={256 * 1024}")) as proxy:
         url = upstream.url("/v2/models/large/infer")
-        answers = [post(proxy, url, {"inputs": []}) for _ in range(2)]
+        answers = [post(proxy, url, {"inputs": []})]
+        # Until its write has failed, the answer is shared with identical requests (a HIT): wait for that.
+        deadline = time.monotonic() + 10
+        while "cache store failed, forwarding uncached" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answers.append(post(proxy, url, {"inputs": []}))
         assert [answer.status_code for answer in answers] == [200, 200]
         assert [answer.headers["X-Cache"] for answer in answers] == ["MISS", "MISS"]
         assert all(len(answer.content) > 400_000 for answer in answers)
