@@ -136,8 +136,14 @@ say client-app fetch "$API_URL/v1/models"
 "$client" fetch "$API_URL/v1/models"
 
 bold "a bounded load: 300 requests, 8 at a time, 70% repeats"
-say client-app load --requests 300 --concurrency 8 --repeat-ratio 0.7
-"$client" load --requests 300 --concurrency 8 --repeat-ratio 0.7
+say client-app load --requests 300 --concurrency 8 --repeat-ratio 0.7 --seed demo
+"$client" load --requests 300 --concurrency 8 --repeat-ratio 0.7 --seed demo
+
+# At 8 at a time on a small machine a hit mostly waits its turn (8 in flight at ~600 hits/s is ~13 ms
+# each); 2 at a time, the time it waits is what a warm answer costs.
+bold "the same requests again, warm, 2 at a time: every one was answered before, so every one is a hit"
+say client-app load --requests 300 --concurrency 2 --repeat-ratio 0.7 --seed demo
+"$client" load --requests 300 --concurrency 2 --repeat-ratio 0.7 --seed demo
 
 bold "cache statistics (forward-proxy stats --cache-dir $CACHE_DIR)"
 "$PROXY_BIN/forward-proxy" stats --cache-dir "$CACHE_DIR"

@@ -172,6 +172,9 @@ def test_the_demo_misses_cold_hits_warm_prints_statistics_and_stops_its_servers(
 
     load = demo.section("a bounded load")
     assert re.search(r"^latency ms by X-Cache: .*HIT p50 \d+\.\d p90 \d+\.\d", load, re.M), load
+    warm_load = demo.section("the same requests again, warm")
+    assert re.search(r"^X-Cache: HIT 300$", warm_load, re.M), warm_load  # the same seed: all repeats
+    assert re.search(r"^latency ms by X-Cache: HIT p50 \d+\.\d p90 \d+\.\d$", warm_load, re.M), warm_load
 
     statistics = demo.section("cache statistics")
     assert re.search(r"^\s+hit ratio\s+\d+(\.\d+)?%$", statistics, re.M), statistics
