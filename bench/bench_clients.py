@@ -12,6 +12,9 @@ One run measures, on 127.0.0.1 with keep-alive connections and every process sto
                     curl (many URLs on one command line: one connection), Java's java.net.http and
                     HttpURLConnection (when `java` is a JDK), Node's undici ProxyAgent (when `node` finds
                     `undici`, e.g. through NODE_PATH)
+    floor           every client again, against `clients/instant_server.py` (it answers at once with
+                    the hit's bytes, quick ACKs like the proxy's): what the client costs on its own, so
+                    that what the proxy adds (hit minus floor) can be compared across clients
     tail            16 clients at once, the same MiniLM hit (an 8 KB answer), p50 and p99, with the
                     proxy's garbage-collector tuning on (the default) and off (`gc_tuning=false`),
                     interleaved rounds
@@ -25,6 +28,7 @@ One run measures, on 127.0.0.1 with keep-alive connections and every process sto
 then prints the ratios the targets are about (issue 13):
 
     every client's hit p50 <= 1.5 x the fastest client's + 0.5 ms
+    the same bound on what the proxy adds to each client (hit p50 minus its floor p50)
     requests Session hit p50 <= 0.15 x direct MiniLM p50
     c=16 hit p99 <= 2 x its p50 (8 KB answer)
 
@@ -438,6 +442,25 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+def client_floors(work: Path, proxy: str, url: str, count: int) -> dict[str, Timing]:
+    """Each client against `clients/instant_server.py` (as its proxy), which answers every request at once
+    with the bytes of the proxy's hit: what the client itself costs per request, nothing in the way."""
+    with requests.Session() as session:
+        session.trust_env = False
+        session.proxies = {"http": proxy}
+        hit = session.post(url, data=BODY, headers={"Content-Type": "application/json"}, timeout=30).content
+    answer = work / "hit-answer.json"
+    answer.write_bytes(hit)
+    port = free_port("127.0.0.1")
+    script = str(Path(__file__).resolve().parent / "clients" / "instant_server.py")
+    server = ManagedProcess([sys.executable, script, str(port), str(answer)], work / "instant.log").start()
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        return each_client(f"http://127.0.0.1:{port}", url, count, "HIT")
+    finally:
+        server.stop()
+
+
 def tail(work: Path, upstream: int, total: int, rounds: int) -> dict[str, list[float]]:
     """c=16 hits of the MiniLM answer through two proxies, gc tuning on and off, rounds interleaved."""
     request = request_bytes(upstream, True, BODY.encode())
@@ -490,6 +513,8 @@ def main() -> int:
             url = f"{api}{PATH}"
             print(f"\nclients: the same MiniLM request through forward-proxy run, {count} hits each, p50")
             results = each_client(proxy.url, url, count, "HIT")
+            print("\nfloor: the same clients against a server that answers at once with the hit's bytes, p50")
+            floors = client_floors(work, proxy.url, url, count)
             print(f"\ntail: 16 clients at once, the MiniLM hit (8 KB answer), {tail_rounds} x {tail_total}")
             tails = tail(work, upstream, tail_total, tail_rounds)
             for setting, values in tails.items():
@@ -513,6 +538,18 @@ def main() -> int:
                 f"  {name:38} hit p50 / fastest = {timing.p50_ms / fastest:5.2f}x  "
                 f"[<= 1.5x + 0.5 ms = {bound:.2f} ms: {verdict}]"
             )
+        # The same bound on what the proxy adds (hit minus the client's own floor): a ratio of the totals
+        # gets harder the faster the proxy is, for a client whose own cost is high.
+        added = {name: results[name].p50_ms - floors[name].p50_ms for name in results if name in floors}
+        if added:
+            least = min(added.values())
+            for name, extra in added.items():
+                bound = 1.5 * least + 0.5
+                verdict = "ok" if extra <= bound else "OVER"
+                print(
+                    f"  {name:38} hit - floor = {extra:5.2f} ms (floor {floors[name].p50_ms:5.2f})  "
+                    f"[<= 1.5 x {least:.2f} + 0.5 ms = {bound:.2f} ms: {verdict}]"
+                )
     if "requests Session" in results:
         ratio = results["requests Session"].p50_ms / direct.p50_ms
         print(f"  requests Session hit p50 / direct MiniLM p50 = {ratio:6.3f}  [<= 0.15]")
