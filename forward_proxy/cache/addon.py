@@ -38,13 +38,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http.status_codes import RESPONSES
 
-from forward_proxy.cache.canonical import (
-    BodyTooLarge,
-    canonical_body,
-    canonical_json,
-    canonical_query,
-    drop_fields,
-)
+from forward_proxy.cache.canonical import BodyTooLarge, canonical_body, canonical_query, json_body
 from forward_proxy.cache.checks import CheckFailed, Service, TlsTrust, ask
 from forward_proxy.cache.config import OPTIONS, CacheConfig
 from forward_proxy.cache.decide import (
@@ -606,10 +600,7 @@ class Cache:
             return []
         ignored = self.config.ignore_fields
         return [
-            cache_key(
-                dataclasses.replace(asked.parts, body=b"json:" + canonical_json(drop_fields(shape, ignored))),
-                self._secret,
-            )
+            cache_key(dataclasses.replace(asked.parts, body=json_body(shape, ignored)), self._secret)
             for shape in other_shapes(document)
         ]
 

@@ -141,6 +141,15 @@ def drop_fields(document: Any, paths: Sequence[str]) -> Any:
     }
 
 
+def json_body(document: Any, ignore_fields: Sequence[str]) -> bytes:
+    """The canonical bytes of a parsed JSON body: what `canonical_body` keys a JSON request by.
+
+    >>> json_body({"b": 1, "a": {"x": 2, "y": 3}}, ["a.y"])
+    b'json:{"a":{"x":2},"b":1}'
+    """
+    return b"json:" + canonical_json(drop_fields(document, ignore_fields))
+
+
 def canonical_body(
     raw: bytes,
     content_type: str | None,
@@ -159,11 +168,11 @@ def canonical_body(
     if data and is_json_type(content_type):
         try:
             document = json.loads(data, object_pairs_hook=_object_without_duplicates)
-            canonical = canonical_json(drop_fields(document, ignore_fields))
+            canonical = json_body(document, ignore_fields)
         except (ValueError, UnicodeDecodeError, RecursionError):
             pass  # not JSON, ambiguous, or nested past Python's recursion limit: keyed by its bytes
         else:
-            return CanonicalBody(b"json:" + canonical, document)
+            return CanonicalBody(canonical, document)
     return CanonicalBody(b"bytes:" + data, None)
 
 
