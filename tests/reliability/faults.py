@@ -28,6 +28,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from tests.support.serving import ServedInThread
+
 MODEL_VERSION = "v1"
 HANG_SECONDS = 60.0  # a hanging answer gives up after this, or when the server stops
 DRIBBLE_SECONDS = 0.25  # between the bytes of a dribbled answer
@@ -220,31 +222,22 @@ class FaultyUpstream:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServedInThread | None = None
 
     def start(self) -> FaultyUpstream:
         server = _Server((self.host, 0), _Handler)
         server.upstream = self
         self.port = int(server.server_address[1])
-        self._server = server
         self._stopping.clear()
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._serving = ServedInThread(server)
         return self
 
     def stop(self) -> None:
         """Stop listening and release every hanging answer (their connections then close)."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._serving is not None:
+            self._serving.stop()
+            self._serving = None
 
     def __enter__(self) -> FaultyUpstream:
         return self.start()

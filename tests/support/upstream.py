@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.support.serving import ServedInThread
+
 
 @dataclass(frozen=True)
 class Received:
@@ -188,8 +190,7 @@ class Upstream:
         self._counts: Counter[str] = Counter()
         self._received: list[Received] = []
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServedInThread | None = None
 
     # lifecycle
     def start(self) -> Upstream:
@@ -203,22 +204,16 @@ class Upstream:
                 context.load_verify_locations(self.client_ca)
             server.socket = context.wrap_socket(server.socket, server_side=True)
         self.port = int(server.server_address[1])
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._serving = ServedInThread(server)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.close_connections()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._serving is not None:
+            server = self._serving.server
+            assert isinstance(server, _Server)
+            self._serving.stop()
+            server.close_connections()
+            self._serving = None
 
     def restart(self, model_version: str | None = "inherit") -> None:
         """Stop and start again on the same port, optionally as another deployment version."""

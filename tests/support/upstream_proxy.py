@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.support.serving import ServedInThread
+
 # Hop-by-hop fields (RFC 9110 7.6.1) and the proxy's own: not forwarded in either direction.
 HOP_BY_HOP = frozenset(
     {
@@ -147,8 +149,7 @@ class UpstreamProxy:
         self.port = 0
         self._received: list[Forwarded] = []
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServedInThread | None = None
 
     @property
     def url(self) -> str:
@@ -158,21 +159,13 @@ class UpstreamProxy:
         server = _Server((self.host, 0), _Handler)
         server.recorder = self
         self.port = int(server.server_address[1])
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._serving = ServedInThread(server)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._serving is not None:
+            self._serving.stop()
+            self._serving = None
 
     def __enter__(self) -> UpstreamProxy:
         return self.start()
